@@ -1,0 +1,39 @@
+"""What the model reads each step: positions, attention indexing and LoRA indexing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import LoraMeta
+
+
+@dataclass(slots=True)
+class AttentionMeta:
+    """Paged-attention indexing for one step of B sequences and T tokens.
+
+    Running example: block_size 4; seq 0 prefills 3 new tokens into an empty cache (blocks [7]),
+    seq 1 decodes 1 token at position 5 (blocks [2, 9]).
+      slot_mapping = [28, 29, 30, 37]   # [T] int64: block * block_size + offset of each new token
+      query_start  = [0, 3, 4]          # [B + 1] int32 offsets of each sequence's tokens
+      seq_lens     = [3, 6]             # [B] int32 context length including this step's tokens
+      block_tables = [[7, 0], [2, 9]]   # [B, max_blocks] int32, padded with 0
+      query_lens_host, seq_lens_host    # the same as Python lists (the torch path loops on host)
+    """
+
+    slot_mapping: torch.Tensor
+    query_start: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    query_lens_host: list[int]
+    seq_lens_host: list[int]
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    """Built once per step by the runner; every layer only reads it."""
+
+    positions: torch.Tensor  # [T] int64
+    attn: AttentionMeta
+    lora: LoraMeta | None  # None when LoRA is disabled

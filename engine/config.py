@@ -1,0 +1,204 @@
+"""Engine configuration: the model's shape (from config.json) and the engine's knobs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.errors import ModelLoadError
+
+# Architecture name in config.json -> the spelling of its MoE block on disk.
+SUPPORTED_ARCHITECTURES = (
+    "Qwen3MoeForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "MixtralForCausalLM",
+    "OlmoeForCausalLM",
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    aliases = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
+               "half": "float16"}
+    key = aliases.get(name, name)
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose float32, bfloat16 or float16")
+    return _DTYPES[key]
+
+
+def _first(raw: dict, *names: str, default=None):
+    for name in names:
+        if raw.get(name) is not None:
+            return raw[name]
+    return default
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the engine needs from a Hugging Face config.json, both spellings accepted."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool
+    intermediate_size: int  # dense MLP layers (Qwen2-MoE mlp_only_layers / sparse step)
+    shared_expert_intermediate_size: int  # 0 = no shared expert
+    decoder_sparse_step: int
+    mlp_only_layers: tuple[int, ...]
+    attention_bias: bool
+    qk_norm: str  # "none", "per_head" (Qwen3-MoE) or "full" (OLMoE, over all heads)
+    clip_qkv: float | None
+    eos_token_ids: tuple[int, ...]
+    torch_dtype: str | None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelConfig:
+        archs = raw.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ModelLoadError(
+                f"unsupported architecture {archs or raw.get('model_type')!r}; "
+                f"loramux supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        heads = raw["num_attention_heads"]
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        qk_norm = {"Qwen3MoeForCausalLM": "per_head", "OlmoeForCausalLM": "full"}.get(arch, "none")
+        bias = arch == "Qwen2MoeForCausalLM" and raw.get("qkv_bias", True)
+        return cls(
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=_first(raw, "num_key_value_heads", default=heads),
+            head_dim=_first(raw, "head_dim", default=raw["hidden_size"] // heads),
+            rms_norm_eps=_first(raw, "rms_norm_eps", default=1e-6),
+            rope_theta=float(_first(rope, "rope_theta", default=_first(raw, "rope_theta",
+                                                                        default=10000.0))),
+            max_position_embeddings=_first(raw, "max_position_embeddings", default=4096),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            num_experts=_first(raw, "num_experts", "num_local_experts"),
+            top_k=raw["num_experts_per_tok"],
+            moe_intermediate_size=_first(raw, "moe_intermediate_size", "intermediate_size"),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", arch == "MixtralForCausalLM")),
+            intermediate_size=_first(raw, "intermediate_size", default=0),
+            shared_expert_intermediate_size=_first(raw, "shared_expert_intermediate_size",
+                                                   default=0),
+            decoder_sparse_step=_first(raw, "decoder_sparse_step", default=1),
+            mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
+            attention_bias=bool(bias or raw.get("attention_bias", False)),
+            qk_norm=qk_norm,
+            clip_qkv=raw.get("clip_qkv"),
+            eos_token_ids=eos_ids,
+            torch_dtype=_first(raw, "dtype", "torch_dtype"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(f"{path} has no config.json; expected a Hugging Face checkpoint")
+        return cls.from_dict(json.loads(config_file.read_text()))
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Qwen2-MoE's rule: sparse unless listed in mlp_only_layers or off the sparse step."""
+        if layer in self.mlp_only_layers or self.num_experts == 0:
+            return False
+        return (layer + 1) % self.decoder_sparse_step == 0
+
+    def lora_module_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Canonical LoRA target name -> (D_in, D_out, num_experts; 0 for a dense module).
+
+        Names are those of engine.lora.weights (layer-prefixed, Mixtral spellings normalized).
+        """
+        H, q_out = self.hidden_size, self.num_heads * self.head_dim
+        kv_out, E, I = self.num_kv_heads * self.head_dim, self.num_experts, self.moe_intermediate_size
+        shapes: dict[str, tuple[int, int, int]] = {}
+        for layer in range(self.num_layers):
+            p = f"layers.{layer}."
+            shapes[p + "self_attn.q_proj"] = (H, q_out, 0)
+            shapes[p + "self_attn.k_proj"] = (H, kv_out, 0)
+            shapes[p + "self_attn.v_proj"] = (H, kv_out, 0)
+            shapes[p + "self_attn.o_proj"] = (q_out, H, 0)
+            if not self.is_moe_layer(layer):
+                Id = self.intermediate_size
+                shapes.update({p + "mlp.gate_proj": (H, Id, 0), p + "mlp.up_proj": (H, Id, 0),
+                               p + "mlp.down_proj": (Id, H, 0)})
+                continue
+            shapes.update({
+                p + "mlp.experts.gate_proj": (H, I, E), p + "mlp.experts.up_proj": (H, I, E),
+                p + "mlp.experts.down_proj": (I, H, E), p + "mlp.experts.gate_up_proj": (H, 2 * I, E),
+            })
+            S = self.shared_expert_intermediate_size
+            if S:
+                shapes.update({p + "mlp.shared_expert.gate_proj": (H, S, 0),
+                               p + "mlp.shared_expert.up_proj": (H, S, 0),
+                               p + "mlp.shared_expert.down_proj": (S, H, 0)})
+        return shapes
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # None: size the KV cache from free memory (CUDA) or kv_cache_memory_gb (CPU)
+    num_blocks: int | None = None
+    kv_cache_memory_gb: float = 1.0  # used on CPU, and as a cap when num_blocks is None
+    gpu_memory_utilization: float = 0.9
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # per step; longer prompts are prefilled in chunks
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False
+    max_loras: int = 4  # GPU slots: most distinct adapters in one step
+    max_lora_rank: int = 16  # slot buffers are sized for this; larger adapters are refused
+    max_cpu_loras: int | None = None  # CPU LRU cache of loaded adapters; None = max_loras
+    enable_mixed_moe_lora_format: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA, float32 on CPU
+    device: str = "auto"
+    load_format: str = "auto"  # "dummy": random weights of the real architecture
+    seed: int = 0
+    kernel_backend: str = "auto"
+    tokenizer: str | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)

@@ -1,0 +1,30 @@
+"""loramux kernels: Triton ops for CUDA and their torch twins for CPU, chosen once per engine."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from kernels.meta import LoraMeta
+from kernels.reference import MoeLora
+
+__all__ = ["LoraMeta", "MoeLora", "select_ops"]
+
+
+def select_ops(device: torch.device, backend: str = "auto") -> ModuleType:
+    """The op module the engine uses: `lora_delta` and `fused_experts` with the twins' signatures.
+
+    backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+    """
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        from kernels import reference
+
+        return reference
+    if backend == "triton":
+        from kernels import triton_ops
+
+        return triton_ops
+    raise ValueError(f"unknown kernel backend {backend!r}; choose auto, torch or triton")

@@ -1,0 +1,148 @@
+"""Torch twins of every loramux kernel: the readable specification the Triton kernels match.
+
+Shape letters: T tokens, D_in/D_out around a linear, S adapter slots, R the slot rank
+(--max-lora-rank), E experts, K top-k, H hidden, I expert intermediate size.
+LoRA scale (alpha/r or alpha/sqrt(r)) is folded into B when an adapter is written to a slot,
+so no op takes a scale. Ranks below R are zero-padded, which adds nothing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from kernels.meta import LoraMeta
+
+
+class MoeLora(NamedTuple):
+    """LoRA slot buffers of one MoE layer (one layout for 2D and 3D adapters).
+
+    a_gate_up: [S, E, 2R, H]  rows [0:R] = A of gate (2D) or the shared gate_up A (3D),
+                              rows [R:2R] = A of up (2D only)
+    b_gate_up: [S, E, 2I, R]  rows [0:I] = B of gate, rows [I:2I] = B of up
+    up_block:  [S] int32      which R-block of A the up half reads: 1 for 2D slots, 0 for 3D
+                              slots (a 3D adapter's gate and up share one A)
+    a_down:    [S, E, R, I]
+    b_down:    [S, E, H, R]
+    """
+
+    a_gate_up: torch.Tensor
+    b_gate_up: torch.Tensor
+    up_block: torch.Tensor
+    a_down: torch.Tensor
+    b_down: torch.Tensor
+
+
+def lora_delta(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    meta: LoraMeta,
+    out_splits: tuple[int, ...],
+) -> None:
+    """Add the LoRA delta of every token's adapter slot to a (possibly multi-slice) linear.
+
+    Semantics:
+        R = b.shape[2]; o_j = sum(out_splits[:j])
+        for t in range(T):
+            s = meta.token_slot[t]
+            if s < 0: continue
+            h = x[t] @ a[s].T                                       # [n*R]
+            for j in range(n):
+                y[t, o_j:o_j+out_splits[j]] += h[j*R:(j+1)*R] @ b[s, o_j:o_j+out_splits[j]].T
+    Args:
+        y:    [T, D_out]       base linear output, updated in place
+        x:    [T, D_in]        activations
+        a:    [S, n*R, D_in]   one R-block of A per output slice (q/k/v, gate/up)
+        b:    [S, D_out, R]
+        meta: LoraMeta
+        out_splits: n slice widths summing to D_out
+    """
+    if not meta.has_lora:
+        return
+    rank = b.shape[2]
+    slots = meta.token_slot.long()
+    for s in torch.unique(slots).tolist():
+        if s < 0:
+            continue
+        rows = (slots == s).nonzero().squeeze(1)
+        h = x[rows].float() @ a[s].float().T
+        start = 0
+        for j, width in enumerate(out_splits):
+            hj = h[:, j * rank : (j + 1) * rank]
+            delta = hj @ b[s, start : start + width].float().T
+            y[rows, start : start + width] += delta.to(y.dtype)
+            start += width
+
+
+def _expert_lora(x: torch.Tensor, lora: MoeLora, slots: torch.Tensor, e: int) -> tuple:
+    """gate_up and a closure for the down delta of tokens `x` routed to expert e."""
+    rank = lora.b_down.shape[3]
+    a = lora.a_gate_up[slots, e].float()  # [n, 2R, H]
+    h = torch.einsum("nh,nrh->nr", x.float(), a)  # [n, 2R]
+    up_start = lora.up_block[slots].long() * rank  # [n]
+    idx = up_start[:, None] + torch.arange(rank, device=x.device)[None, :]
+    h_gate, h_up = h[:, :rank], torch.gather(h, 1, idx)
+    inter = lora.b_gate_up.shape[2] // 2
+    b = lora.b_gate_up[slots, e].float()  # [n, 2I, R]
+    gate = torch.einsum("nr,nir->ni", h_gate, b[:, :inter])
+    up = torch.einsum("nr,nir->ni", h_up, b[:, inter:])
+    return torch.cat([gate, up], dim=1)
+
+
+def _down_lora(act: torch.Tensor, lora: MoeLora, slots: torch.Tensor, e: int) -> torch.Tensor:
+    h = torch.einsum("ni,nri->nr", act.float(), lora.a_down[slots, e].float())
+    return torch.einsum("nr,nhr->nh", h, lora.b_down[slots, e].float())
+
+
+def fused_experts(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    lora: MoeLora | None,
+    meta: LoraMeta | None,
+) -> torch.Tensor:
+    """Routed SiLU-gated experts with per-token MoE-LoRA, summed over top-k.
+
+    Semantics:
+        for t, k: e = topk_ids[t, k]; s = token_slot[t]
+            gu = x[t] @ w_gate_up[e].T                                     # [2I]
+            if s >= 0: gu[:I] += (x[t] @ A_gu[s, e, 0:R].T) @ B_gu[s, e, :I].T
+                       gu[I:] += (x[t] @ A_gu[s, e, u*R:(u+1)*R].T) @ B_gu[s, e, I:].T
+                                                                   (u = up_block[s])
+            act = silu(gu[:I]) * gu[I:]                                    # [I]
+            d = act @ w_down[e].T
+            if s >= 0: d += (act @ A_down[s, e].T) @ B_down[s, e].T
+            out[t] += topk_weights[t, k] * d
+    Args:
+        x: [T, H]; w_gate_up: [E, 2I, H] (gate rows then up rows); w_down: [E, H, I]
+        topk_weights: [T, K] (x.dtype); topk_ids: [T, K] int
+        lora: MoeLora slot buffers or None; meta: LoraMeta or None
+    Returns:
+        [T, H] in x.dtype
+    """
+    out = torch.zeros_like(x)
+    use_lora = lora is not None and meta is not None and meta.has_lora
+    token_slot = meta.token_slot.long() if use_lora else None
+    inter = w_down.shape[2]
+    for e in torch.unique(topk_ids).tolist():
+        tok, pos = (topk_ids == e).nonzero(as_tuple=True)
+        xs = x[tok]
+        gate_up = F.linear(xs, w_gate_up[e])
+        if use_lora:
+            slots = token_slot[tok]
+            has = (slots >= 0).nonzero().squeeze(1)
+            if has.numel():
+                delta = _expert_lora(xs[has], lora, slots[has], e)
+                gate_up[has] += delta.to(gate_up.dtype)
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        down = F.linear(act, w_down[e])
+        if use_lora and has.numel():
+            down[has] += _down_lora(act[has], lora, slots[has], e).to(down.dtype)
+        out.index_add_(0, tok, down * topk_weights[tok, pos, None])
+    return out
