@@ -170,6 +170,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # per step; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_waiting: int = 4096  # queued requests beyond this are refused (EngineOverloaded)
 
 
 @dataclass(frozen=True)

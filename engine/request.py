@@ -98,3 +98,4 @@ class RequestOutput:
     finished: bool
     lora_name: str | None = None
     metrics: dict = field(default_factory=dict)  # arrival, first_token, finished (time.monotonic)
+    error: Exception | None = None  # set when the request failed inside the engine

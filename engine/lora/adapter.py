@@ -1,0 +1,254 @@
+"""Read a PEFT LoRA adapter directory into a LoraAdapter checked against the model.
+
+Every tensor key is parsed (engine.lora.peft_keys) into a canonical target and paired with its
+partner; each pair is checked against ModelConfig.lora_module_shapes() and becomes LoraWeights
+with the scale (alpha/r, or alpha/sqrt(r) with use_rslora; per target through rank_pattern /
+alpha_pattern) folded into b. Weights stay float32 on CPU.
+- 2D per-expert pairs are stacked into a [E, r, D_in], b [E, D_out, r]. An expert missing from the
+  file gets zero A and B (no delta), as PEFT leaves it; experts of unequal rank are zero-padded.
+- 3D fused pairs unfold with A rows expert-major (A.view(E, r, in)[e]) and B columns rank-major
+  (B.view(out, r, E)[:, :, e]). PEFT <= 0.18 could write them transposed: detected from shapes;
+  when every 3D tensor fits both readings (hidden_size == 2*moe_intermediate_size or == I),
+  peft_version >= 0.19.1 settles it, otherwise the adapter is refused. Nothing is guessed.
+Every problem raises AdapterLoadError naming the key or module (AdapterNotFound: no such path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pickle
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from engine.config import ModelConfig
+from engine.errors import AdapterLoadError, AdapterNotFound
+from engine.lora.peft_keys import (LoraKey, dim_names, fused_targets, parse_key, pattern_value,
+                                   peft_version_at_least, positional_candidates)
+from engine.lora.weights import ExpertLayout, LoraAdapter, LoraWeights
+
+logger = logging.getLogger(__name__)
+
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA bias terms (lora_bias)",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+}
+_ONE_ORIENTATION_SINCE = (0, 19, 1)  # first PEFT release writing 3D LoRA in the FORMATS.md layout
+
+
+def read_adapter(name: str, path: str, model_config: ModelConfig, max_rank: int,
+                 is_3d_lora_weight: bool | None = None, native_layout: str | None = None,
+                 allow_mixed: bool = True, base_model_name: str | None = None) -> LoraAdapter:
+    """Read, check and normalize the PEFT adapter at `path` for `model_config`.
+
+    is_3d_lora_weight: None = trust detection; True/False must agree with what was detected.
+    native_layout:     the base checkpoint's expert layout ("2d" per-expert, "3d" fused); with
+                       allow_mixed False an adapter of the other expert layout is refused.
+    """
+    if native_layout not in (None, "2d", "3d"):
+        raise ValueError(f"native_layout must be '2d', '3d' or None, got {native_layout!r}")
+    root = _adapter_dir(path)
+    config = _read_config(root)
+    hyper = _Hyper.from_config(config)
+    tensors, file_format = _read_tensors(root)
+    builder = _WeightBuilder(model_config, hyper, max_rank)
+    weights = builder.build(_pair_up(tensors, root))
+    _check_layout(builder.layout, is_3d_lora_weight, native_layout, allow_mixed)
+    meta = {"format": file_format, "peft_version": hyper.peft_version,
+            "num_targets": len(weights), **builder.summary}
+    logger.info("adapter %s read from %s: %s", name, path, meta)
+    return LoraAdapter(name=name, path=str(path), weights=weights,
+                       expert_layout=builder.layout, rank=max(w.rank for w in weights.values()),
+                       base_model_name=base_model_name or config.get("base_model_name_or_path"),
+                       meta=meta)
+
+
+def _adapter_dir(path: str) -> Path:
+    root = Path(path)
+    if not root.exists():
+        raise AdapterNotFound(f"adapter path {path} does not exist")
+    if not root.is_dir():
+        raise AdapterLoadError(f"adapter path {path} is not a directory")
+    if not (root / "adapter_config.json").is_file():
+        raise AdapterLoadError(f"{path} has no adapter_config.json: not a PEFT adapter directory")
+    return root
+
+
+def _read_config(root: Path) -> dict:
+    """adapter_config.json, refused when it asks for anything beyond plain LoRA deltas."""
+    try:
+        config = json.loads((root / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"adapter_config.json in {root} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"adapter_config.json in {root} is not a JSON object")
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterLoadError(f"peft_type {config['peft_type']!r}: loramux serves LoRA only")
+    if config.get("modules_to_save"):
+        raise AdapterLoadError(
+            f"modules_to_save {config['modules_to_save']} replaces whole modules; loramux serves "
+            "LoRA deltas only")
+    if config.get("bias", "none") != "none":
+        raise AdapterLoadError(f"bias={config['bias']!r} trains base biases; it must be 'none'")
+    for option, what in _UNSUPPORTED_OPTIONS.items():
+        if config.get(option):
+            raise AdapterLoadError(f"{what} is not supported ({option}={config[option]!r})")
+    return config
+
+
+def _read_tensors(root: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """adapter_model.safetensors (preferred) or adapter_model.bin, as finite float32 tensors."""
+    for file_name, load in (("adapter_model.safetensors", _load_safetensors),
+                            ("adapter_model.bin", _load_bin)):
+        if (root / file_name).is_file():
+            raw = load(root / file_name)
+            return {key: _as_float32(key, t) for key, t in raw.items()}, file_name.split(".")[-1]
+    raise AdapterLoadError(f"{root} has no adapter_model.safetensors or adapter_model.bin")
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as err:
+        raise AdapterLoadError(f"{file.name} is corrupt or truncated: {err}") from err
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        raise AdapterLoadError(f"{file.name} is corrupt or not a weights-only torch file: "
+                               f"{str(err).splitlines()[0]}") from err
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise AdapterLoadError(f"{file.name} does not hold a dict of tensors")
+    return state
+
+
+def _as_float32(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        raise AdapterLoadError(f"{key} has dtype {tensor.dtype}; LoRA weights are floating point")
+    if tensor.dim() != 2:
+        raise AdapterLoadError(f"{key} has shape {list(tensor.shape)}; LoRA weights are matrices")
+    tensor = tensor.to(torch.float32)
+    if not torch.isfinite(tensor).all():
+        raise AdapterLoadError(f"{key} contains NaN or Inf values")
+    return tensor
+
+
+def _check_layout(layout: ExpertLayout | None, is_3d: bool | None, native_layout: str | None,
+                  allow_mixed: bool) -> None:
+    if layout is None:
+        return
+    if is_3d is not None and is_3d != (layout == "3d"):
+        raise AdapterLoadError(
+            f"is_3d_lora_weight={is_3d} contradicts the adapter files, which hold "
+            f"{layout.upper()} expert LoRA (detected from tensor names and shapes)")
+    if not allow_mixed and native_layout is not None and layout != native_layout:
+        raise AdapterLoadError(
+            f"the adapter's expert LoRA is {layout.upper()} but the base checkpoint's experts are "
+            f"{native_layout.upper()}; start the server with --enable-mixed-moe-lora-format")
+
+
+
+class _WeightBuilder:
+    """Turns lora_A/lora_B pairs into canonical LoraWeights, checking each against the model.
+
+    layout and summary describe what was found (expert layout, 3D orientation, zero experts).
+    """
+
+    def __init__(self, model_config: ModelConfig, hyper: LoraHyper, max_rank: int):
+        self.model_config, self.hyper, self.max_rank = model_config, hyper, max_rank
+        self.shapes = model_config.lora_module_shapes()  # name -> (D_in, D_out, E)
+        self.layout: ExpertLayout | None = None
+        self.summary: dict = {"expert_layout": None}
+
+    def build(self, pairs: list[LoraPair]) -> dict[str, LoraWeights]:
+        by_kind: dict[str, list[LoraPair]] = defaultdict(list)
+        for pair in pairs:
+            by_kind[pair.key.kind].append(pair)
+        fused = by_kind["fused"] + by_kind["positional"]
+        if by_kind["expert"] and fused:
+            raise AdapterLoadError(
+                f"the adapter mixes 2D per-expert LoRA ({by_kind['expert'][0].names['A']}) with 3D "
+                f"fused expert LoRA ({fused[0].names['A']}); one adapter must use one layout")
+        weights = {p.key.module: self._dense(p) for p in by_kind["dense"]}
+        weights.update(self._experts_2d(by_kind["expert"]))
+        weights.update(self._experts_3d(fused))
+        return weights
+
+    def _target(self, module: str, key: str, has_experts: bool) -> tuple[int, int, int]:
+        """(D_in, D_out, E) of a canonical target the model must have."""
+        if module not in self.shapes:
+            raise AdapterLoadError(
+                f"{key}: the model ({self.model_config.architecture}, "
+                f"{self.model_config.num_layers} layers) has no LoRA target {module}")
+        d_in, d_out, num_experts = self.shapes[module]
+        if (num_experts > 0) != has_experts:
+            raise AdapterLoadError(f"{key}: {module} is {'an' if num_experts else 'not an'} "
+                                   f"expert target, but the key {'lacks' if num_experts else 'has'}"
+                                   " an expert index")
+        return d_in, d_out, num_experts
+
+    def _check_rank(self, rank: int, module: str) -> None:
+        if rank > self.max_rank:
+            raise AdapterLoadError(f"{module} has LoRA rank {rank}, above the server's limit "
+                                   f"{self.max_rank} (--max-lora-rank)")
+
+    def _check_matrices(self, pair: LoraPair, module: str, d_in: int, d_out: int) -> float:
+        """Check a [r, D_in] / [D_out, r] pair against the model and config; returns its scale."""
+        (in_name, out_name), name_a = dim_names(module), pair.names["A"]
+        if pair.a.shape[0] != pair.b.shape[1]:
+            raise AdapterLoadError(f"{name_a}: lora_A has rank {pair.a.shape[0]} but its lora_B "
+                                   f"has rank {pair.b.shape[1]}")
+        for name, found, expected, what in ((name_a, pair.a.shape[1], d_in, in_name),
+                                            (pair.names["B"], pair.b.shape[0], d_out, out_name)):
+            if found != expected:
+                raise AdapterLoadError(f"{name}: shape {list(pair.tensors[name[-13]].shape)} does "
+                                       f"not match the model: expected {what} = {expected}, "
+                                       f"found {found}")
+        rank, scale = self.hyper.rank_and_scale(pair.key.peft_name)
+        self._check_rank(pair.a.shape[0], module)
+        if pair.a.shape[0] != rank:
+            raise AdapterLoadError(f"{name_a}: rank {pair.a.shape[0]} differs from the rank "
+                                   f"{rank} adapter_config.json gives it (r / rank_pattern)")
+        return scale
+
+    def _dense(self, pair: LoraPair) -> LoraWeights:
+        d_in, d_out, _ = self._target(pair.key.module, pair.names["A"], has_experts=False)
+        scale = self._check_matrices(pair, pair.key.module, d_in, d_out)
+        return LoraWeights(a=pair.a, b=pair.b * scale)
+
+    def _experts_2d(self, pairs: list[LoraPair]) -> dict[str, LoraWeights]:
+        by_module: dict[str, dict[int, LoraPair]] = defaultdict(dict)
+        for pair in pairs:
+            by_module[pair.key.module][pair.key.expert] = pair
+        if pairs:
+            self.layout, self.summary = "2d", {"expert_layout": "2d", "zero_experts": {}}
+        return {module: self._stack_2d(module, experts) for module, experts in by_module.items()}
+
+    def _stack_2d(self, module: str, experts: dict[int, LoraPair]) -> LoraWeights:
+        """Per-expert pairs -> a [E, r, D_in], b [E, D_out, r]; absent experts stay zero."""
+        some_key = next(iter(experts.values())).names["A"]
+        d_in, d_out, num_experts = self._target(module, some_key, has_experts=True)
+        factors = {}
+        for expert, pair in sorted(experts.items()):
+            if expert >= num_experts:
+                raise AdapterLoadError(f"{pair.names['A']}: expert {expert} does not exist, the "
+                                       f"model has {num_experts} experts (num_experts)")
+            factors[expert] = (pair.a, pair.b * self._check_matrices(pair, module, d_in, d_out))
+        rank = max(a.shape[0] for a, _ in factors.values())
+        a, b = torch.zeros(num_experts, rank, d_in), torch.zeros(num_experts, d_out, rank)
+        for expert, (a_e, b_e) in factors.items():
+            a[expert, : a_e.shape[0]], b[expert, :, : b_e.shape[1]] = a_e, b_e
+        if len(factors) < num_experts:
+            self.summary["zero_experts"][module] = sorted(set(range(num_experts)) - set(factors))
+        return LoraWeights(a=a, b=b)

@@ -1,0 +1,186 @@
+"""LoraManager: the adapter registry, the CPU LRU cache and the GPU slots, for one engine.
+
+Adapters are registered by name (validated by reading them once). A request holds an
+AdapterHandle: the adapter's registration at one version, so an in-place reload serves new
+requests only and an unload lets running requests finish. The step thread asks try_pin() for a
+slot when it admits a sequence: a GPU-resident adapter is pinned at once; one in the CPU cache is
+copied into a free or evicted slot; one only on disk is read by a background thread while other
+requests keep running, and pinned once read. Registry and CPU cache are shared with the caller's
+thread under a lock; slots belong to the step thread alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from engine.config import LoraConfig, ModelConfig
+from engine.errors import AdapterAlreadyExists, AdapterNotFound
+from engine.lora.adapter import read_adapter
+from engine.lora.slots import AdapterSlots
+from engine.lora.weights import LoraAdapter
+from engine.request import LoRARequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterHandle:
+    request: LoRARequest
+    version: int
+
+    @property
+    def name(self) -> str:
+        return self.request.lora_name
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request.lora_name, self.version)
+
+
+class LoraManager:
+    def __init__(self, config: LoraConfig, model_config: ModelConfig, model,
+                 native_layout: str) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.model = model
+        self.native_layout = native_layout
+        self.slots = AdapterSlots(config.max_loras)
+        self.cpu_capacity = config.max_cpu_loras or config.max_loras
+        self._registry: dict[str, AdapterHandle] = {}
+        self._cpu: OrderedDict[tuple[str, int], LoraAdapter] = OrderedDict()
+        self._loading: dict[tuple[str, int], Future] = {}
+        self._blocked: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-reader")
+        self.loads_total = 0  # adapter copies into GPU slots
+        self.evictions_total = 0  # adapters pushed out of a GPU slot for another
+
+    # --- registry (any thread) -------------------------------------------------------------
+    def read(self, req: LoRARequest) -> LoraAdapter:
+        """Read and validate an adapter's files (blocking; no engine state is touched)."""
+        return read_adapter(
+            req.lora_name, req.lora_path, self.model_config, self.config.max_lora_rank,
+            is_3d_lora_weight=req.is_3d_lora_weight, native_layout=self.native_layout,
+            allow_mixed=self.config.enable_mixed_moe_lora_format,
+            base_model_name=req.base_model_name)
+
+    def check_new(self, req: LoRARequest) -> None:
+        with self._lock:
+            if req.lora_name in self._registry and not req.load_inplace:
+                raise AdapterAlreadyExists(
+                    f"The lora adapter '{req.lora_name}' has already been loaded. If you want "
+                    "to load the adapter in place, set 'load_inplace' to True.")
+
+    def register(self, req: LoRARequest, adapter: LoraAdapter) -> AdapterHandle:
+        """Make a read adapter servable under its name (a new version if the name exists)."""
+        self.check_new(req)
+        with self._lock:
+            old = self._registry.get(req.lora_name)
+            handle = AdapterHandle(req, 0 if old is None else old.version + 1)
+            self._registry[req.lora_name] = handle
+            self._cache_put(handle.key, adapter)
+            if old is not None:
+                self._cpu.pop(old.key, None)
+        logger.info("adapter %s registered (%s, expert layout %s, rank %d)", req.lora_name,
+                    req.lora_path, adapter.expert_layout or "none", adapter.rank)
+        return handle
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            handle = self._registry.pop(name, None)
+            if handle is None:
+                raise AdapterNotFound(f"The lora adapter '{name}' cannot be found.")
+            self._cpu.pop(handle.key, None)
+        logger.info("adapter %s unregistered", name)
+
+    def resolve(self, name: str) -> AdapterHandle:
+        with self._lock:
+            handle = self._registry.get(name)
+        if handle is None:
+            raise AdapterNotFound(f"The model `{name}` does not exist.")
+        return handle
+
+    def list(self) -> list[LoRARequest]:
+        with self._lock:
+            return [h.request for h in self._registry.values()]
+
+    def residency(self) -> dict[str, str]:
+        with self._lock:
+            handles = list(self._registry.values())
+            cpu = set(self._cpu)
+        return {h.name: "gpu" if self.slots.lookup(h.key) is not None
+                else "cpu" if h.key in cpu else "disk" for h in handles}
+
+    def _cache_put(self, key: tuple[str, int], adapter: LoraAdapter) -> None:
+        self._cpu[key] = adapter
+        self._cpu.move_to_end(key)
+        while len(self._cpu) > self.cpu_capacity:
+            self._cpu.popitem(last=False)
+
+    def _cache_get(self, key: tuple[str, int]) -> LoraAdapter | None:
+        with self._lock:
+            adapter = self._cpu.get(key)
+            if adapter is not None:
+                self._cpu.move_to_end(key)
+            return adapter
+
+    # --- slots (step thread) ---------------------------------------------------------------
+    def try_pin(self, handle: AdapterHandle) -> int | None:
+        """A pinned slot holding the adapter, or None if it must wait (reading, or no slot)."""
+        slot = self.slots.lookup(handle.key)
+        if slot is not None:
+            self.slots.pin(slot)
+            return slot
+        adapter = self._cache_get(handle.key) or self._fetch(handle)
+        if adapter is None:
+            return None
+        taken = self.slots.take()
+        if taken is None:
+            self._blocked.add(handle.key)
+            return None
+        slot, evicted = taken
+        if evicted is not None:
+            self.evictions_total += 1
+            logger.debug("evicted adapter %s from slot %d", evicted[0], slot)
+        self.model.write_lora_slot(slot, adapter.weights)
+        self.slots.assign(slot, handle.key)
+        self.slots.pin(slot)
+        self._blocked.discard(handle.key)
+        self.loads_total += 1
+        return slot
+
+    def is_waiting_for_slot(self, handle: AdapterHandle) -> bool:
+        return handle.key in self._blocked
+
+    def _fetch(self, handle: AdapterHandle) -> LoraAdapter | None:
+        """Start or finish a background re-read of an adapter that left the CPU cache."""
+        future = self._loading.get(handle.key)
+        if future is None:
+            self._loading[handle.key] = self._reader.submit(self.read, handle.request)
+            return None
+        if not future.done():
+            return None
+        del self._loading[handle.key]
+        adapter = future.result()  # raises the read error: the scheduler fails the request
+        with self._lock:
+            if self._registry.get(handle.name) == handle:
+                self._cache_put(handle.key, adapter)
+        return adapter
+
+    def unpin(self, slot: int) -> None:
+        self.slots.unpin(slot)
+
+    def release_stale(self) -> None:
+        """Free idle slots of unloaded adapters and replaced versions (called every step)."""
+        with self._lock:
+            live = {h.key for h in self._registry.values()}
+        for slot in self.slots.idle_slots():
+            if self.slots.key_of[slot] not in live:
+                self.slots.release(slot)
+
+    def shutdown(self) -> None:
+        self._reader.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,236 @@
+"""PEFT tensor keys and config patterns -> loramux's canonical LoRA target names.
+
+Key forms (after the PEFT prefix `base_model.model.` and the model's own `model.`):
+  dense       layers.L.self_attn.q_proj.lora_A.weight             -> layers.L.self_attn.q_proj
+  2D expert   layers.L.mlp.experts.e.gate_proj.lora_A.weight       -> layers.L.mlp.experts.gate_proj
+              layers.L.block_sparse_moe.experts.e.w1.lora_A.weight    (Mixtral: w1 gate, w3 up, w2 down)
+  3D named    layers.L.mlp.experts.gate_up_proj.lora_A.weight      (Megatron-bridge exporters)
+  3D by depth layers.L.mlp.experts(.base_layer)*.lora_A.weight     (PEFT target_parameters: one
+              nested wrapper per targeted parameter, so the key names a depth, not a parameter)
+`.base_layer` segments anywhere else in a module path are dropped (some exporters keep them).
+Also here: the config fields that give each target its rank and scale (LoraHyper), and the
+pairing of lora_A with lora_B (pair_up).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from engine.errors import AdapterLoadError
+
+logger = logging.getLogger(__name__)
+
+KeyKind = Literal["dense", "expert", "fused", "positional"]
+
+# Fused expert parameters in registration order on every supported experts module (transformers
+# 5): PEFT wraps targeted parameters in this order, the first one innermost.
+FUSED_PARAMS = ("gate_up_proj", "down_proj")
+
+_MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<part>[AB])\.weight$")
+_BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
+_TRAILING_BASE = re.compile(r"(?:\.base_layer)+$")
+_IN_LAYERS = re.compile(r"^(?:model\.)?(?:language_model\.)?(?P<rest>layers\.\d+\..+)$")
+_EXPERTS = re.compile(r"^(?P<layer>layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts(?P<tail>\..+)?$")
+_EXPERT_PROJ = re.compile(r"^\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)$")
+_FUSED_PROJ = re.compile(r"^\.(?P<proj>gate_up_proj|down_proj)$")
+
+# The config.json field behind each dimension of a target, for error messages: (D_in, D_out).
+_DIM_NAMES = {
+    "self_attn.q_proj": ("hidden_size", "num_attention_heads*head_dim"),
+    "self_attn.k_proj": ("hidden_size", "num_key_value_heads*head_dim"),
+    "self_attn.v_proj": ("hidden_size", "num_key_value_heads*head_dim"),
+    "self_attn.o_proj": ("num_attention_heads*head_dim", "hidden_size"),
+    "mlp.gate_proj": ("hidden_size", "intermediate_size"),
+    "mlp.up_proj": ("hidden_size", "intermediate_size"),
+    "mlp.down_proj": ("intermediate_size", "hidden_size"),
+    "mlp.shared_expert.gate_proj": ("hidden_size", "shared_expert_intermediate_size"),
+    "mlp.shared_expert.up_proj": ("hidden_size", "shared_expert_intermediate_size"),
+    "mlp.shared_expert.down_proj": ("shared_expert_intermediate_size", "hidden_size"),
+    "mlp.experts.gate_proj": ("hidden_size", "moe_intermediate_size"),
+    "mlp.experts.up_proj": ("hidden_size", "moe_intermediate_size"),
+    "mlp.experts.down_proj": ("moe_intermediate_size", "hidden_size"),
+    "mlp.experts.gate_up_proj": ("hidden_size", "2*moe_intermediate_size"),
+}
+
+
+@dataclass(frozen=True)
+class LoraKey:
+    """One parsed tensor key.
+
+    module:    canonical target name; for kind "positional" the experts module
+               (layers.L.mlp.experts) whose parameter is decided later from `depth`
+    peft_name: the target's name as PEFT matches rank_pattern / alpha_pattern against it
+               (model.layers.L.mlp.experts.3.w1); "positional" keys get `.param` appended later
+    """
+
+    key: str
+    kind: KeyKind
+    module: str
+    part: str  # "A" or "B"
+    peft_name: str
+    expert: int | None = None  # kind "expert" only
+    depth: int = 0  # kind "positional" only: number of trailing .base_layer segments
+
+
+def parse_key(key: str) -> LoraKey:
+    """Parse one safetensors key; anything but lora_A / lora_B weights is refused."""
+    match = _KEY.match(key)
+    if match is None:
+        raise AdapterLoadError(
+            f"tensor {key!r} is not a LoRA weight (expected keys ending in lora_A.weight or "
+            "lora_B.weight; embeddings, DoRA magnitudes, biases and full modules are not served)")
+    path, part = match["path"], match["part"]
+    trailing = _TRAILING_BASE.search(path)
+    depth = trailing.group().count(".base_layer") if trailing else 0
+    clean = _BASE_LAYER.sub("", path)
+    in_layers = _IN_LAYERS.match(clean)
+    rest = in_layers["rest"] if in_layers else clean.removeprefix("model.")
+    experts = _EXPERTS.match(rest)
+    if experts is None:
+        return LoraKey(key, "dense", rest, part, clean)
+    layer, tail = experts["layer"], experts["tail"] or ""
+    if not tail:
+        return LoraKey(key, "positional", f"{layer}.mlp.experts", part, clean, depth=depth)
+    if proj := _EXPERT_PROJ.match(tail):
+        name = _MIXTRAL_PROJ.get(proj["proj"], proj["proj"])
+        return LoraKey(key, "expert", f"{layer}.mlp.experts.{name}", part, clean,
+                       expert=int(proj["e"]))
+    if proj := _FUSED_PROJ.match(tail):
+        return LoraKey(key, "fused", f"{layer}.mlp.experts.{proj['proj']}", part, clean)
+    return LoraKey(key, "dense", rest, part, clean)
+
+
+def fused_targets(target_parameters: list[str] | None) -> tuple[str, ...]:
+    """The fused parameters named in target_parameters, in registration order.
+
+    Raises AdapterLoadError for a targeted parameter loramux cannot serve (router, norms...).
+    """
+    named = set()
+    for entry in target_parameters or ():
+        module, _, param = entry.rpartition(".")
+        if param not in FUSED_PARAMS or not module.endswith("experts"):
+            raise AdapterLoadError(
+                f"target_parameters entry {entry!r} is not supported: loramux serves 3D LoRA on "
+                f"experts.{FUSED_PARAMS[0]} and experts.{FUSED_PARAMS[1]} only")
+        named.add(param)
+    return tuple(p for p in FUSED_PARAMS if p in named)
+
+
+def positional_candidates(module: str, depths: set[int],
+                          targets: tuple[str, ...]) -> dict[int, tuple[str, ...]]:
+    """Depth -> the fused parameters a positional key at that depth may be.
+
+    Two wrappers: the inner one (depth 1) is gate_up_proj, the outer one down_proj. A lone
+    wrapper is the single parameter target_parameters names, else either (decided by shape).
+    """
+    if depths == {0, 1}:
+        return {1: (FUSED_PARAMS[0],), 0: (FUSED_PARAMS[1],)}
+    if depths == {0}:
+        return {0: targets if len(targets) == 1 else FUSED_PARAMS}
+    raise AdapterLoadError(
+        f"{module} has 3D LoRA wrappers at nesting depths {sorted(depths)}; loramux serves "
+        f"{FUSED_PARAMS[0]} and {FUSED_PARAMS[1]} only (at most two nested wrappers)")
+
+
+def pattern_value(patterns: dict, peft_name: str, default: float) -> float:
+    """rank_pattern / alpha_pattern lookup as PEFT does it: the first key (in file order) that
+    matches the end of the name at a dot boundary, as a regular expression."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", peft_name):
+            return value
+    return default
+
+
+def dim_names(module: str) -> tuple[str, str]:
+    """The config fields behind (D_in, D_out) of a canonical target, for error messages."""
+    return _DIM_NAMES.get(module.split(".", 2)[-1], ("in-features", "out-features"))
+
+
+def peft_version_at_least(version: str | None, minimum: tuple[int, ...]) -> bool:
+    """True when a `peft_version` string such as "0.19.1.dev0" is at least `minimum`."""
+    numbers = re.findall(r"\d+", version or "")[: len(minimum)]
+    return len(numbers) == len(minimum) and tuple(map(int, numbers)) >= minimum
+
+
+@dataclass(frozen=True)
+class LoraHyper:
+    """The adapter_config.json fields that set each target's rank and scale."""
+
+    r: int
+    alpha: float
+    rank_pattern: dict
+    alpha_pattern: dict
+    use_rslora: bool
+    fused_targets: tuple[str, ...]  # fused expert parameters named in target_parameters
+    peft_version: str | None
+
+    @classmethod
+    def from_config(cls, config: dict) -> LoraHyper:
+        rank_pattern, alpha_pattern = _patterns(config, "rank_pattern"), _patterns(config, "alpha_pattern")
+        ranks = [config.get("r"), *rank_pattern.values()]
+        if not all(isinstance(r, int) and r > 0 for r in ranks):
+            raise AdapterLoadError(f"adapter_config.json: r and rank_pattern values must be "
+                                   f"positive integers, found {ranks}")
+        alphas = [config.get("lora_alpha"), *alpha_pattern.values()]
+        if not all(isinstance(a, (int, float)) for a in alphas):
+            raise AdapterLoadError(f"adapter_config.json: lora_alpha and alpha_pattern values "
+                                   f"must be numbers, found {alphas}")
+        return cls(config["r"], float(config["lora_alpha"]), rank_pattern, alpha_pattern,
+                   bool(config.get("use_rslora")), fused_targets(config.get("target_parameters")),
+                   config.get("peft_version"))
+
+    def rank_and_scale(self, peft_name: str) -> tuple[int, float]:
+        r = int(pattern_value(self.rank_pattern, peft_name, self.r))
+        alpha = pattern_value(self.alpha_pattern, peft_name, self.alpha)
+        return r, alpha / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _patterns(config: dict, name: str) -> dict:
+    patterns = config.get(name) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterLoadError(f"adapter_config.json: {name} must be an object, found {patterns!r}")
+    return patterns
+
+
+@dataclass
+class LoraPair:
+    """lora_A and lora_B of one target (of one expert, for a 2D expert target)."""
+
+    key: LoraKey
+    names: dict[str, str] = field(default_factory=dict)  # "A"/"B" -> file key, for messages
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def a(self) -> torch.Tensor:  # [r, D_in] (2D) or [E*r, D_in] (3D)
+        return self.tensors["A"]
+
+    @property
+    def b(self) -> torch.Tensor:  # [D_out, r] (2D) or [D_out, r*E] (3D)
+        return self.tensors["B"]
+
+
+def pair_up(tensors: dict[str, torch.Tensor], source: str) -> list[LoraPair]:
+    """Group tensors into lora_A/lora_B pairs; a lone half or a duplicate is refused."""
+    pairs: dict[tuple, LoraPair] = {}
+    for key, tensor in tensors.items():
+        parsed = parse_key(key)
+        pair = pairs.setdefault((parsed.kind, parsed.module, parsed.expert, parsed.depth),
+                                LoraPair(parsed))
+        if parsed.part in pair.names:
+            raise AdapterLoadError(f"{pair.names[parsed.part]} and {key} map to the same weight")
+        pair.names[parsed.part], pair.tensors[parsed.part] = key, tensor
+    for pair in pairs.values():
+        if len(pair.names) == 1:
+            (part, key), = pair.names.items()
+            raise AdapterLoadError(f"{key} has no lora_{'B' if part == 'A' else 'A'} partner")
+    if not pairs:
+        raise AdapterLoadError(f"{source} holds no LoRA tensors")
+    return list(pairs.values())

@@ -1,0 +1,119 @@
+"""Self-attention over a paged KV cache, in plain torch (CPU and CUDA).
+
+Each step writes the new tokens' K/V into the cache at `slot_mapping`, then every sequence's
+queries (the last q_len positions of a seq_len context) attend over the K/V gathered from its
+block table. Causal masking is bottom-right aligned, which covers prefill, chunked prefill and
+decode alike. GQA: query head h reads KV head h // (num_heads // num_kv_heads).
+Shape letters: T tokens, N query heads, G KV heads, D head dim, L context length.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.batch import AttentionMeta, ForwardContext
+from engine.config import ModelConfig
+from engine.model.layers import RMSNorm, apply_rope
+from engine.model.lora_linear import LoraLinear
+
+logger = logging.getLogger(__name__)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store k, v [T, G, D] at flat slots [T] of caches [num_blocks, block_size, G, D]."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first seq_len cached rows of one sequence: [G, L, D]."""
+    rows = cache[blocks].flatten(0, 1)[:seq_len]  # [L, G, D]
+    return rows.transpose(0, 1)
+
+
+def _causal_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """[q_len, L] bool: query j sits at position seq_len - q_len + j and sees keys <= it."""
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)
+    return torch.arange(seq_len, device=device)[None, :] <= q_pos[:, None]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMeta, scale: float) -> torch.Tensor:
+    """q [T, N, D] -> [T, N, D], each sequence over its cached context (host loop)."""
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    start = 0
+    for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
+        num_blocks = -(-seq_len // block_size)
+        blocks = meta.block_tables[i, :num_blocks]
+        k = _gather(k_cache, blocks, seq_len)[None]  # [1, G, L, D]
+        v = _gather(v_cache, blocks, seq_len)[None]
+        qi = q[start:start + q_len].transpose(0, 1)[None]  # [1, N, q_len, D]
+        mask = None if q_len == 1 else _causal_mask(q_len, seq_len, q.device)
+        oi = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale,
+                                            enable_gqa=True)
+        out[start:start + q_len] = oi[0].transpose(0, 1)
+        start += q_len
+    return out
+
+
+class Attention(nn.Module):
+    """qkv projection (fused, LoRA-capable), optional q/k RMSNorm and clip, RoPE, paged
+    attention, o projection.
+
+    q/k norm: "per_head" (Qwen3-MoE, over D) or "full" (OLMoE, over all heads before reshape).
+    """
+
+    def __init__(self, config: ModelConfig, layer: int, *, ops: ModuleType, max_loras: int,
+                 max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim ** -0.5
+        self.clip = config.clip_qkv
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        p = f"layers.{layer}.self_attn."
+        kw = dict(ops=ops, max_loras=max_loras, max_rank=max_rank, dtype=dtype, device=device)
+        self.qkv_proj = LoraLinear(
+            config.hidden_size,
+            ((p + "q_proj", q_out), (p + "k_proj", kv_out), (p + "v_proj", kv_out)),
+            bias=config.attention_bias, **kw)
+        o_bias = config.attention_bias and config.architecture != "Qwen2MoeForCausalLM"
+        self.o_proj = LoraLinear(q_out, ((p + "o_proj", config.hidden_size),), bias=o_bias, **kw)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm != "none":
+            per_head = config.qk_norm == "per_head"
+            q_dim, k_dim = (self.head_dim, self.head_dim) if per_head else (q_out, kv_out)
+            self.q_norm = RMSNorm(q_dim, config.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(k_dim, config.rms_norm_eps, dtype, device)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def _project(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, ...]:
+        """x [T, H] -> q [T, N, D], k [T, G, D], v [T, G, D] before RoPE."""
+        qkv = self.qkv_proj(x, ctx.lora)
+        q, k, v = qkv.split(self.qkv_proj.out_splits, dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v.view(-1, self.num_kv_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        """x [T, H] -> [T, H]; writes this step's K/V into the bound cache."""
+        q, k, v = self._project(x, ctx)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        write_kv(self.k_cache, self.v_cache, k, v, ctx.attn.slot_mapping)
+        out = paged_attention(q, self.k_cache, self.v_cache, ctx.attn, self.scale)
+        return self.o_proj(out.flatten(1), ctx.lora)

@@ -1,0 +1,152 @@
+"""One generic MoE decoder for Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE.
+
+The four differ only in flags of ModelConfig: q/k norm ("per_head" / "full"), clip_qkv, qkv
+bias, a shared expert, dense MLP layers (mlp_only_layers / decoder_sparse_step), top-k
+renormalization, tied embeddings and the RoPE theta. Parameter names follow the Hugging Face
+checkpoints (`model.layers.L.self_attn...`), with q/k/v fused into `qkv_proj`, gate/up into
+`gate_up_proj` and the experts into `mlp.experts.w_gate_up` / `w_down` (see loader.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.batch import ForwardContext
+from engine.config import ModelConfig
+from engine.lora.weights import LoraWeights
+from engine.model.attention import Attention
+from engine.model.layers import GatedMlp, RMSNorm, RotaryEmbedding
+from engine.model.lora_linear import LoraLinear
+from engine.model.moe import MoeExperts, SparseMoe
+
+logger = logging.getLogger(__name__)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention then pre-norm MLP (sparse MoE or dense), each with a residual."""
+
+    def __init__(self, config: ModelConfig, layer: int, **kw) -> None:
+        super().__init__()
+        dtype, device = kw["dtype"], kw["device"]
+        eps, H = config.rms_norm_eps, config.hidden_size
+        self.input_layernorm = RMSNorm(H, eps, dtype, device)
+        self.self_attn = Attention(config, layer, **kw)
+        self.post_attention_layernorm = RMSNorm(H, eps, dtype, device)
+        if config.is_moe_layer(layer):
+            self.mlp = SparseMoe(config, layer, **kw)
+        else:
+            self.mlp = GatedMlp(H, config.intermediate_size, f"layers.{layer}.mlp.", **kw)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.lora)
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers and final norm: `model.*` in the checkpoints."""
+
+    def __init__(self, config: ModelConfig, **kw) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         dtype=kw["dtype"], device=kw["device"])
+        self.layers = nn.ModuleList(DecoderLayer(config, i, **kw)
+                                    for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kw["dtype"], kw["device"])
+
+
+class MoeForCausalLM(nn.Module):
+    """The served model: forward over a step's tokens, logits for chosen rows, KV and LoRA slots.
+
+    Build it with `build_model`, fill it with `load_weights`, then `bind_kv_cache` before the
+    first forward. LoRA slot buffers exist only when max_loras > 0.
+    """
+
+    def __init__(self, config: ModelConfig, *, ops: ModuleType, max_loras: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.config, self.dtype, self.device = config, dtype, device
+        self.max_loras, self.max_lora_rank = max_loras, max_rank
+        kw = dict(ops=ops, max_loras=max_loras, max_rank=max_rank, dtype=dtype, device=device)
+        self.model = DecoderModel(config, **kw)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, device)
+        if config.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
+                                     dtype=dtype, device=device)
+        self.requires_grad_(False)
+        self._lora_modules = [m for m in self.modules() if isinstance(m, (LoraLinear, MoeExperts))]
+        self._lora_names = frozenset(config.lora_module_shapes())
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids [T] int64 -> final-normed hidden states [T, H]."""
+        assert ctx.lora is None or not ctx.lora.has_lora or self.max_loras > 0, \
+            "a step uses LoRA slots but the model was built with max_loras=0"
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(ctx.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, ctx)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] -> logits [B, V] float32."""
+        return F.linear(hidden, self.lm_head.weight).float()
+
+    def kv_cache_spec(self) -> tuple[int, int, int]:
+        """(num_layers, num_kv_heads, head_dim) of the paged KV cache the engine allocates."""
+        return self.config.num_layers, self.config.num_kv_heads, self.config.head_dim
+
+    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        """One K and one V cache per layer, each [num_blocks, block_size, G, D]."""
+        layers = self.model.layers
+        if len(k_caches) != len(layers) or len(v_caches) != len(layers):
+            raise ValueError(f"expected {len(layers)} K and V caches, "
+                             f"got {len(k_caches)} and {len(v_caches)}")
+        for layer, k_cache, v_cache in zip(layers, k_caches, v_caches):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k_cache, v_cache
+
+    def write_lora_slot(self, slot: int, weights: dict[str, LoraWeights]) -> None:
+        """Load one adapter's weights (canonical names, scale folded into B) into `slot`.
+
+        Every LoRA-capable module is written: modules the adapter does not target are zeroed.
+        Raises ValueError for an unknown module name, a rank above max_lora_rank or a bad shape.
+        """
+        self._check_slot(slot)
+        unknown = sorted(set(weights) - self._lora_names)
+        if unknown:
+            raise ValueError(f"no LoRA-capable module named {unknown[0]!r} in this model "
+                             f"({len(unknown)} unknown names)")
+        for module in self._lora_modules:
+            module.write_slot(slot, weights)
+
+    def clear_lora_slot(self, slot: int) -> None:
+        self._check_slot(slot)
+        for module in self._lora_modules:
+            module.clear_slot(slot)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_loras:
+            raise ValueError(f"LoRA slot {slot} out of range [0, {self.max_loras})")
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, ops: ModuleType,
+                max_loras: int = 0, max_lora_rank: int = 0) -> MoeForCausalLM:
+    """An unloaded model on `device` (weights uninitialized; LoRA slot buffers zeroed).
+
+    ops: the kernels.select_ops(device) module, chosen once here for every layer.
+    """
+    if max_loras > 0 and max_lora_rank < 1:
+        raise ValueError(f"max_lora_rank must be >= 1 when max_loras > 0, got {max_lora_rank}")
+    device = torch.device(device)
+    logger.info("building %s: %d layers, %d experts, dtype %s, %d LoRA slots of rank %d",
+                config.architecture, config.num_layers, config.num_experts, dtype, max_loras,
+                max_lora_rank)
+    return MoeForCausalLM(config, ops=ops, max_loras=max_loras, max_rank=max_lora_rank,
+                          dtype=dtype, device=device).eval()

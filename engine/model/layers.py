@@ -1,0 +1,79 @@
+"""Small building blocks shared by the decoder: RMSNorm, rotary embedding, gated MLP.
+
+Shape letters: T tokens, H hidden, D head dim, I intermediate size.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.lora_linear import LoraLinear, empty_param
+from kernels import LoraMeta
+
+logger = logging.getLogger(__name__)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, computed in float32 (transformers' order)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = empty_param(dim, dtype=dtype, device=device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., dim] -> [..., dim] in x's dtype."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Default RoPE (no scaling): inv_freq[i] = theta ** (-2i / D)."""
+
+    def __init__(self, head_dim: int, theta: float, device: torch.device) -> None:
+        super().__init__()
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+        self.register_buffer("inv_freq", 1.0 / (theta ** exponent), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """positions [T] -> (cos, sin), each [T, D] in `dtype`."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x [T, heads, D]; cos, sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class GatedMlp(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one LoRA-capable linear.
+
+    prefix: canonical LoRA prefix, "layers.L.mlp." (dense) or "layers.L.mlp.shared_expert.".
+    """
+
+    def __init__(self, hidden: int, inter: int, prefix: str, *, ops: ModuleType,
+                 max_loras: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        kw = dict(bias=False, ops=ops, max_loras=max_loras, max_rank=max_rank, dtype=dtype,
+                  device=device)
+        self.inter = inter
+        self.gate_up_proj = LoraLinear(
+            hidden, ((prefix + "gate_proj", inter), (prefix + "up_proj", inter)), **kw)
+        self.down_proj = LoraLinear(inter, ((prefix + "down_proj", hidden),), **kw)
+
+    def forward(self, x: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        gate_up = self.gate_up_proj(x, lora)  # [T, 2I]
+        act = F.silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:]
+        return self.down_proj(act, lora)

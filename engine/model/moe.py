@@ -1,0 +1,139 @@
+"""The sparse MoE block: router, routed experts (with MoE-LoRA slots), optional shared expert.
+
+Experts hold w_gate_up [E, 2I, H] (gate rows then up rows) and w_down [E, H, I] whatever the
+disk layout. Their LoRA slot buffers follow kernels.MoeLora: a 2D adapter (one A/B per expert
+per projection) puts gate A in R-block 0 and up A in R-block 1 (up_block = 1); a 3D adapter
+(one A shared by gate and up) puts it in R-block 0 (up_block = 0). B rows [:I] are gate, [I:] up.
+Shape letters: T tokens, H hidden, E experts, K top-k, I expert intermediate, S slots, R rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.lora.weights import LoraWeights
+from engine.model.layers import GatedMlp
+from engine.model.lora_linear import check_rank, copy_into, empty_param
+from kernels import LoraMeta, MoeLora
+
+logger = logging.getLogger(__name__)
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (float32) then top-k, optionally renormalized (= Mixtral's softmax over top-k).
+
+    router_logits [T, E] -> topk_weights [T, K] in `dtype`, topk_ids [T, K] int64.
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(dtype), ids
+
+
+def _moe_lora_buffers(num_slots: int, num_experts: int, hidden: int, inter: int, rank: int,
+                      dtype: torch.dtype, device: torch.device) -> MoeLora:
+    """Zeroed MoE-LoRA slot buffers (see kernels.MoeLora for the layout)."""
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(num_slots, num_experts, *shape, dtype=dtype, device=device)
+    up_block = torch.zeros(num_slots, dtype=torch.int32, device=device)
+    return MoeLora(zeros(2 * rank, hidden), zeros(2 * inter, rank), up_block,
+                   zeros(rank, inter), zeros(hidden, rank))
+
+
+class MoeExperts(nn.Module):
+    """E SiLU-gated experts applied through ops.fused_experts, with MoE-LoRA slots.
+
+    prefix: canonical LoRA prefix "layers.L.mlp.experts.".
+    """
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, prefix: str, *,
+                 ops: ModuleType, max_loras: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.prefix, self.inter, self.max_rank = prefix, inter, max_rank
+        self.w_gate_up = empty_param(num_experts, 2 * inter, hidden, dtype=dtype, device=device)
+        self.w_down = empty_param(num_experts, hidden, inter, dtype=dtype, device=device)
+        self.ops = ops
+        self.lora: MoeLora | None = None
+        if max_loras > 0:
+            self.lora = _moe_lora_buffers(max_loras, num_experts, hidden, inter, max_rank,
+                                          dtype, device)
+            for name, buffer in self.lora._asdict().items():
+                self.register_buffer(name, buffer, persistent=False)
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                lora: LoraMeta | None) -> torch.Tensor:
+        """x [T, H], topk_weights [T, K], topk_ids [T, K] -> [T, H]."""
+        return self.ops.fused_experts(x, self.w_gate_up, self.w_down, topk_weights, topk_ids,
+                                      self.lora, lora)
+
+    def clear_slot(self, slot: int) -> None:
+        for buffer in self.lora:
+            buffer[slot].zero_()
+
+    def write_slot(self, slot: int, weights: dict[str, LoraWeights]) -> None:
+        """Copy this layer's expert LoRA (2D or 3D) into `slot`; absent parts are zero."""
+        self.clear_slot(slot)
+        p = self.prefix
+        fused = weights.get(p + "gate_up_proj")
+        gate, up = weights.get(p + "gate_proj"), weights.get(p + "up_proj")
+        if fused is not None and (gate is not None or up is not None):
+            raise ValueError(f"{p}gate_up_proj (3D) cannot be combined with 2D gate/up LoRA")
+        if fused is not None:
+            self._write_gate_up(slot, p + "gate_up_proj", fused, block=0, rows=slice(None))
+        else:
+            self.lora.up_block[slot] = 1
+            for name, w, block, rows in ((p + "gate_proj", gate, 0, slice(0, self.inter)),
+                                         (p + "up_proj", up, 1, slice(self.inter, None))):
+                if w is not None:
+                    self._write_gate_up(slot, name, w, block, rows)
+        down = weights.get(p + "down_proj")
+        if down is not None:
+            r = check_rank(p + "down_proj", down, self.max_rank)
+            copy_into(self.lora.a_down[slot, :, :r], down.a, p + "down_proj")
+            copy_into(self.lora.b_down[slot, :, :, :r], down.b, p + "down_proj")
+
+    def _write_gate_up(self, slot: int, name: str, w: LoraWeights, block: int,
+                       rows: slice) -> None:
+        """A [E, r, H] into R-block `block` of a_gate_up; B [E, n, r] into rows of b_gate_up."""
+        r = check_rank(name, w, self.max_rank)
+        start = block * self.max_rank
+        copy_into(self.lora.a_gate_up[slot, :, start:start + r], w.a, name)
+        copy_into(self.lora.b_gate_up[slot, :, rows, :r], w.b, name)
+
+
+class SparseMoe(nn.Module):
+    """Router + routed experts (+ Qwen2-MoE's shared expert behind a sigmoid gate)."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, ops: ModuleType, max_loras: int,
+                 max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        H, E = config.hidden_size, config.num_experts
+        kw = dict(ops=ops, max_loras=max_loras, max_rank=max_rank, dtype=dtype, device=device)
+        self.top_k, self.renormalize = config.top_k, config.norm_topk_prob
+        self.gate = nn.Linear(H, E, bias=False, dtype=dtype, device=device).requires_grad_(False)
+        self.experts = MoeExperts(E, H, config.moe_intermediate_size,
+                                  f"layers.{layer}.mlp.experts.", **kw)
+        self.shared_expert: GatedMlp | None = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = GatedMlp(H, config.shared_expert_intermediate_size,
+                                          f"layers.{layer}.mlp.shared_expert.", **kw)
+            self.shared_expert_gate = nn.Linear(H, 1, bias=False, dtype=dtype,
+                                                device=device).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        topk_weights, topk_ids = route(self.gate(x), self.top_k, self.renormalize, x.dtype)
+        out = self.experts(x, topk_weights, topk_ids, lora)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x, lora)
+            out = out + F.sigmoid(self.shared_expert_gate(x)) * shared
+        return out

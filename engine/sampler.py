@@ -1,0 +1,76 @@
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-sequence seeds, logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import SamplingParams, TokenLogprob
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks of one row [V] (float32)."""
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the first over p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if params.min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample from softmax(logits) by the exponential race: argmax(p / Exp(1))."""
+    probs = torch.softmax(logits, dim=-1)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return torch.argmax(probs / noise)
+
+
+class Sampler:
+    """Chooses one token per row. Greedy rows share one argmax; sampled rows use their own
+    generator when seeded, so a seeded sequence is reproducible whatever it is batched with.
+    """
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> SampleResult:
+        chosen = torch.argmax(logits, dim=-1)
+        for row, (p, gen) in enumerate(zip(params, generators)):
+            if not p.is_greedy:
+                chosen[row] = _draw(_filter(logits[row], p), gen)
+        token_ids = chosen.tolist()
+        return SampleResult(token_ids, self._logprobs(logits, chosen, params))
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, chosen: torch.Tensor,
+                  params: list[SamplingParams]) -> list[TokenLogprob | None]:
+        """Log-probabilities of the model's distribution (before sampling filters), as vLLM."""
+        want = [p.logprobs for p in params]
+        if all(k is None for k in want):
+            return [None] * len(params)
+        logp = torch.log_softmax(logits, dim=-1)
+        k_max = max(k or 0 for k in want)
+        top_v, top_i = torch.topk(logp, k_max, dim=-1) if k_max else (None, None)
+        chosen_lp = logp.gather(1, chosen[:, None]).squeeze(1).tolist()
+        top_v = top_v.tolist() if k_max else None
+        top_i = top_i.tolist() if k_max else None
+        out: list[TokenLogprob | None] = []
+        for row, k in enumerate(want):
+            if k is None:
+                out.append(None)
+                continue
+            top = list(zip(top_i[row][:k], top_v[row][:k])) if k else []
+            out.append(TokenLogprob(int(chosen[row]), chosen_lp[row], top))
+        return out

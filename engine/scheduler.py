@@ -1,0 +1,138 @@
+"""Continuous batching: which sequences run this step, and with how many tokens.
+
+Model. Every step has a token budget (max_num_batched_tokens). Running sequences come first, in
+admission order: a decoding sequence takes 1 token, a sequence mid-prefill takes the rest of its
+prompt up to the budget (chunked prefill). When the KV cache cannot hold a running sequence's new
+tokens, the most recently admitted running sequence is preempted: its blocks are freed and it goes
+back to the front of the waiting queue to be recomputed later (outputs are unchanged). Then waiting
+sequences are admitted in FIFO order while budget, KV blocks and max_num_seqs allow. A sequence
+with an adapter also needs a GPU slot (LoraManager.try_pin); the slot stays pinned while it runs,
+so no step ever has more distinct adapters than slots. Once a request cannot get a slot, later
+adapter requests are not admitted either (base requests still are), so the blocked one gets the
+next slot that frees up and cannot starve. A request whose adapter is still being read from disk
+is skipped without blocking anyone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from engine.config import SchedulerConfig
+from engine.kv_cache import BlockAllocator
+from engine.sequence import Sequence, SeqStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens fed to the model this step
+    samples: bool  # the step completes the sequence's uncomputed tokens: sample the next one
+
+
+@dataclass(slots=True)
+class Batch:
+    items: list[ScheduledSeq]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_tokens for item in self.items)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, lora=None) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.lora = lora  # engine.lora.manager.LoraManager or None
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[Batch, list[Sequence]]:
+        """The step's batch, and sequences that failed to start (adapter errors)."""
+        budget = self.config.max_num_batched_tokens
+        items: list[ScheduledSeq] = []
+        for seq in list(self.running):
+            if budget == 0 or seq.status is not SeqStatus.RUNNING:
+                continue
+            n = min(seq.num_uncomputed, budget)
+            if self._make_room(seq, n):
+                items.append(self._take(seq, n))
+                budget -= n
+        failed = self._admit(items, budget)
+        return Batch(items), failed
+
+    def _make_room(self, seq: Sequence, n: int) -> bool:
+        """Preempt the latest running sequences until `seq` can grow by n tokens."""
+        while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _take(self, seq: Sequence, n: int) -> ScheduledSeq:
+        self.allocator.grow(seq.block_table, seq.num_computed + n)
+        return ScheduledSeq(seq, n, samples=(n == seq.num_uncomputed))
+
+    def _admit(self, items: list[ScheduledSeq], budget: int) -> list[Sequence]:
+        failed: list[Sequence] = []
+        slot_blocked = False
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            n = min(seq.num_uncomputed, budget)
+            if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+                break  # FIFO on memory: wait for blocks rather than let later ones pass
+            if seq.adapter is not None:
+                if slot_blocked:
+                    continue
+                try:
+                    slot = self.lora.try_pin(seq.adapter)
+                except Exception as err:  # the adapter could not be re-read: fail this request
+                    self.waiting.remove(seq)
+                    seq.error = err
+                    failed.append(seq)
+                    continue
+                if slot is None:
+                    slot_blocked = slot_blocked or self.lora.is_waiting_for_slot(seq.adapter)
+                    continue
+                seq.slot = slot
+            self.waiting.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            items.append(self._take(seq, n))
+            budget -= n
+        return failed
+
+    def preempt(self, seq: Sequence) -> None:
+        logger.debug("preempting %s (seq %d) for KV blocks", seq.request_id, seq.seq_id)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence from either queue and free its blocks and slot pin."""
+        self._release(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        self.allocator.free(seq.block_table)
+        if seq.slot >= 0:
+            self.lora.unpin(seq.slot)
+            seq.slot = -1

@@ -1,0 +1,65 @@
+"""A sequence is one sample of a request: the unit the scheduler and runner work on."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.request import SamplingParams, TokenLogprob
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Tokens, KV blocks and progress of one sample.
+
+    `num_computed` tokens of `prompt + output` have their K/V in the cache; the runner feeds the
+    rest. After preemption (recompute) num_computed drops to 0 and the whole history is
+    prefilled again, so outputs are unchanged.
+    """
+
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n samples
+    prompt: list[int]
+    params: SamplingParams
+    adapter: object | None  # engine.lora.manager.AdapterHandle
+    detok: IncrementalDetokenizer
+    max_tokens: int
+    generator: torch.Generator | None = None
+    output: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    arrival: float = 0.0
+    slot: int = -1  # adapter slot pinned while running; -1 = none
+    error: Exception | None = None  # why the sequence could not run (adapter re-read failed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    def token_range(self, start: int, stop: int) -> list[int]:
+        prompt_len = len(self.prompt)
+        if stop <= prompt_len:
+            return self.prompt[start:stop]
+        return (self.prompt + self.output)[start:stop]
+
+    @property
+    def adapter_name(self) -> str | None:
+        return None if self.adapter is None else self.adapter.name

@@ -1,0 +1,166 @@
+"""`loramux serve [MODEL]`: vLLM's flag names, parsed into Settings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from server.settings import (
+    API_KEY_ENV, DEMO_SERVED_NAME, RUNTIME_LORA_ENV, LoraModule, Settings, SettingsError,
+    env_flag, parse_lora_module,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (usage stays behind --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _lora_module(text: str) -> LoraModule:
+    try:
+        return parse_lora_module(text)
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1; use 0.0.0.0 in containers)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    g.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="name(s) clients use for the base model in `model`; the first is the "
+                        "one listed as parent of adapters (default: MODEL, or 'demo')")
+    g.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on /v1/* (default: ${API_KEY_ENV}"
+                        "; /health, /version and /metrics stay open)")
+    g.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error", "critical"],
+                   help="log level of loramux and uvicorn (default info)")
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto",
+                   help="auto, float32, bfloat16 or float16 (auto: checkpoint dtype on CUDA, "
+                        "float32 on CPU)")
+    g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights of the real architecture (for benchmarks)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer path (default: MODEL)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
+    g.add_argument("--max-model-len", type=_positive_int, default=None,
+                   help="longest prompt + completion in tokens (default: the model's "
+                        "max_position_embeddings)")
+    g.add_argument("--max-num-seqs", type=_positive_int, default=64,
+                   help="most requests running at once (default 64)")
+    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+                   help="token budget of one engine step; longer prompts prefill in chunks")
+    g.add_argument("--block-size", type=_positive_int, default=16,
+                   help="tokens per paged KV-cache block (default 16)")
+    g.add_argument("--num-kv-blocks", type=_positive_int, default=None,
+                   help="fixed number of KV blocks (default: sized from memory)")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=1.0,
+                   help="KV-cache memory on CPU, and its cap on CUDA (default 1.0)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory the engine may use (default 0.9)")
+
+
+def _add_lora_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
+    g.add_argument("--max-loras", type=_positive_int, default=4,
+                   help="GPU adapter slots: most distinct adapters in one step (default 4)")
+    g.add_argument("--max-lora-rank", type=_positive_int, default=16,
+                   help="largest adapter rank; slot buffers are sized for it (default 16)")
+    g.add_argument("--max-cpu-loras", type=_positive_int, default=None,
+                   help="adapters kept in CPU memory (LRU; default: --max-loras)")
+    g.add_argument("--lora-modules", nargs="+", type=_lora_module, default=[], metavar="MODULE",
+                   help="adapters loaded at start-up: name=path items or JSON objects "
+                        '{"name","path","base_model_name","is_3d_lora_weight"}')
+    g.add_argument("--enable-mixed-moe-lora-format", action="store_true",
+                   help="accept 2D (per-expert) and 3D (fused, PEFT target_parameters) expert "
+                        "adapters side by side")
+    g.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (also "
+                        f"${RUNTIME_LORA_ENV}=1 or true)")
+    g.add_argument("--allowed-lora-roots", nargs="+", type=Path, default=[], metavar="DIR",
+                   help="runtime loads must name a path under one of these directories "
+                        "(symlinks resolved; default: any path)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="loramux", description="Multi-LoRA serving for Mixture-of-Experts "
+                                                 "models with an OpenAI-compatible API.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="start the OpenAI-compatible server",
+        description="Start the OpenAI-compatible server. Without MODEL, serve the built-in "
+                    "tiny demo model with its 2D and 3D demo adapters.")
+    serve.error = parser.error  # type: ignore[method-assign]
+    serve.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                       help="Hugging Face checkpoint directory (default: the built-in demo)")
+    _add_server_flags(serve)
+    _add_engine_flags(serve)
+    _add_lora_flags(serve)
+    return parser
+
+
+def _demo_overrides(args: argparse.Namespace) -> dict:
+    """The demo base is 2D-native and ships a 3D adapter: LoRA and mixed format go on."""
+    from engine.demo import ensure_demo
+
+    demo = ensure_demo()
+    demo_modules = [LoraModule(name, str(path))
+                    for name, path in sorted(demo.adapters.items())]
+    return dict(model=str(demo.model_dir),
+                served_model_names=tuple(args.served_model_name or [DEMO_SERVED_NAME]),
+                enable_lora=True, enable_mixed_moe_lora_format=True,
+                lora_modules=tuple(demo_modules) + tuple(args.lora_modules))
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    fields = dict(
+        model=args.model, served_model_names=tuple(args.served_model_name or [args.model]),
+        host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
+        dtype=args.dtype, device=args.device, load_format=args.load_format,
+        tokenizer=args.tokenizer, seed=args.seed, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization, enable_lora=args.enable_lora,
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
+        enable_mixed_moe_lora_format=args.enable_mixed_moe_lora_format,
+        lora_modules=tuple(args.lora_modules),
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating or env_flag(
+            RUNTIME_LORA_ENV),
+        allowed_lora_roots=tuple(args.allowed_lora_roots),
+    )
+    if args.model is None:
+        fields.update(_demo_overrides(args))
+    return Settings(**fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.api_key is None:
+        args.api_key = os.environ.get(API_KEY_ENV) or None
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        sys.exit(f"loramux: error: {exc}")
+    from server.launch import run
+
+    return run(settings)

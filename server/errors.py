@@ -1,0 +1,111 @@
+"""Every failure leaves as the OpenAI error envelope; routes raise, handlers here answer.
+
+`{"error": {"message": str, "type": str, "param": str | None, "code": int}}`
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.errors import (
+    AdapterAlreadyExists, AdapterLoadError, AdapterNotFound, EngineError, EngineOverloaded,
+    EngineStopped, InvalidRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+# Most specific class first: PromptTooLong is an InvalidRequest.
+_ENGINE_STATUS: tuple[tuple[type[EngineError], HTTPStatus], ...] = (
+    (AdapterNotFound, HTTPStatus.NOT_FOUND),
+    (AdapterAlreadyExists, HTTPStatus.BAD_REQUEST),
+    (AdapterLoadError, HTTPStatus.BAD_REQUEST),
+    (InvalidRequest, HTTPStatus.BAD_REQUEST),
+    (EngineOverloaded, HTTPStatus.SERVICE_UNAVAILABLE),
+    (EngineStopped, HTTPStatus.SERVICE_UNAVAILABLE),
+)
+
+_TYPES = {
+    HTTPStatus.BAD_REQUEST: "BadRequestError",
+    HTTPStatus.UNAUTHORIZED: "AuthenticationError",
+    HTTPStatus.FORBIDDEN: "PermissionDeniedError",
+    HTTPStatus.NOT_FOUND: "NotFoundError",
+    HTTPStatus.METHOD_NOT_ALLOWED: "MethodNotAllowed",
+    HTTPStatus.SERVICE_UNAVAILABLE: "ServiceUnavailableError",
+}
+
+
+class ApiError(Exception):
+    """A client-facing error raised by the server itself (not by the engine)."""
+
+    def __init__(self, status: HTTPStatus, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def model_not_found(model: str, base_name: str) -> ApiError:
+    return ApiError(HTTPStatus.NOT_FOUND,
+                    f"The model `{model}` does not exist. Valid aliases: {base_name}.", "model")
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    error_type = _TYPES.get(HTTPStatus(status), "InternalServerError" if status >= 500
+                            else "BadRequestError")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+def engine_status(exc: EngineError) -> HTTPStatus:
+    for cls, status in _ENGINE_STATUS:
+        if isinstance(exc, cls):
+            return status
+    return HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors]
+    param = ".".join(str(x) for x in errors[0]["loc"]) if errors else None
+    return f"{len(errors)} validation error(s): " + "; ".join(parts), param
+
+
+async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.param)
+
+
+async def _on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
+    status = engine_status(exc)
+    if status >= 500:
+        logger.error("engine error on %s: %s", request.url.path, exc, exc_info=exc)
+    return error_response(status, str(exc))
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = _validation_message(exc)
+    return error_response(HTTPStatus.BAD_REQUEST, message, param)
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail))
+
+
+async def _on_bug(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return error_response(HTTPStatus.INTERNAL_SERVER_ERROR,
+                          f"internal error ({type(exc).__name__}); see the server log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(EngineError, _on_engine_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_bug)

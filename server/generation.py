@@ -1,0 +1,100 @@
+"""One engine request as a route sees it: started, timed, and aborted when the client leaves.
+
+`start()` waits for the first output, so engine errors raised before the first yield
+(PromptTooLong, AdapterNotFound, EngineOverloaded...) become HTTP errors before any response
+byte is sent. While waiting (and while collecting a non-streaming answer) a watcher listens
+for the client's disconnect; a stream is cancelled by Starlette when its client goes away.
+Either way the engine request is aborted at once, which frees its KV blocks and adapter slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+
+from engine.request import RequestOutput, SamplingParams
+from server.metrics import RequestTimer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its answer was complete."""
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; raise ClientDisconnected (cancelling it) if the client leaves first."""
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected
+
+
+class Generation:
+    def __init__(self, engine, request_id: str, lora: str | None, timer: RequestTimer) -> None:
+        self.engine, self.request_id, self.lora, self.timer = engine, request_id, lora, timer
+        self._outputs: AsyncIterator[RequestOutput] | None = None
+        self._first: RequestOutput | None = None
+        self._finished = False
+
+    async def start(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._outputs = self.engine.generate(prompt_ids, params, lora=self.lora,
+                                             request_id=self.request_id)
+        try:
+            self._first = await until_disconnect(request, anext(self._outputs))
+        except ClientDisconnected:
+            self.abort()
+            raise
+        self._observe(self._first)
+
+    def _observe(self, out: RequestOutput) -> None:
+        self.timer.observe(out)
+        self._finished = out.finished
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """Every output from the first on; aborts the engine request if iteration stops early."""
+        assert self._first is not None and self._outputs is not None, "call start() first"
+        try:
+            yield self._first
+            while not self._finished:
+                out = await anext(self._outputs)
+                self._observe(out)
+                yield out
+        finally:
+            if not self._finished:
+                self.abort()
+
+    async def final(self, request: Request) -> RequestOutput:
+        """The last output (all text and tokens are cumulative), or ClientDisconnected."""
+        return await until_disconnect(request, self._drain())
+
+    async def _drain(self) -> RequestOutput:
+        last = None
+        async for out in self.outputs():
+            last = out
+        return last
+
+    def abort(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        logger.debug("aborting request %s (adapter %s): client went away", self.request_id,
+                     self.lora)
+        self.engine.abort(self.request_id)
+        self.timer.aborted()

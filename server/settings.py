@@ -1,0 +1,118 @@
+"""Server settings: the parsed command line as one typed object, and its EngineConfig."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig
+
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+API_KEY_ENV = "VLLM_API_KEY"
+DEMO_SERVED_NAME = "demo"
+
+
+class SettingsError(ValueError):
+    """A flag value is invalid; the message is shown to the operator as one line."""
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One --lora-modules item: an adapter loaded at start-up."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+    is_3d_lora_weight: bool | None = None
+
+
+def parse_lora_module(item: str) -> LoraModule:
+    """`name=path` or a JSON object {"name", "path", "base_model_name", "is_3d_lora_weight"}."""
+    if item.lstrip().startswith("{"):
+        try:
+            raw = json.loads(item)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"--lora-modules: invalid JSON {item!r}: {exc}") from exc
+        unknown = set(raw) - {"name", "path", "base_model_name", "is_3d_lora_weight"}
+        if unknown or not raw.get("name") or not raw.get("path"):
+            raise SettingsError(f"--lora-modules: {item!r} needs string keys name and path "
+                                f"(optional base_model_name, is_3d_lora_weight)")
+        return LoraModule(raw["name"], raw["path"], raw.get("base_model_name"),
+                          raw.get("is_3d_lora_weight"))
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise SettingsError(f"--lora-modules: expected name=path or a JSON object, got {item!r}")
+    return LoraModule(name, path)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    served_model_names: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    log_level: str = "info"
+    dtype: str = "auto"
+    device: str = "auto"
+    load_format: str = "auto"
+    tokenizer: str | None = None
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_gb: float = 1.0
+    gpu_memory_utilization: float = 0.9
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    enable_mixed_moe_lora_format: bool = False
+    lora_modules: tuple[LoraModule, ...] = ()
+    allow_runtime_lora_updating: bool = False
+    allowed_lora_roots: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.lora_modules and not self.enable_lora:
+            raise SettingsError("--lora-modules needs --enable-lora")
+        if self.allow_runtime_lora_updating and not self.enable_lora:
+            raise SettingsError("runtime LoRA updating needs --enable-lora")
+        names = [m.name for m in self.lora_modules]
+        clash = {n for n in names if names.count(n) > 1 or n in self.served_model_names}
+        if clash:
+            raise SettingsError(f"--lora-modules: name(s) {sorted(clash)} used twice")
+        for root in self.allowed_lora_roots:
+            if not root.is_dir():
+                raise SettingsError(f"--allowed-lora-roots: {root} is not a directory")
+
+    @property
+    def base_name(self) -> str:
+        return self.served_model_names[0]
+
+    def to_engine_config(self) -> EngineConfig:
+        """The only place that knows both the flags and the engine's config types."""
+        try:
+            return EngineConfig(
+                model=self.model, dtype=self.dtype, device=self.device,
+                load_format=self.load_format, seed=self.seed, tokenizer=self.tokenizer,
+                cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
+                                  kv_cache_memory_gb=self.kv_cache_memory_gb,
+                                  gpu_memory_utilization=self.gpu_memory_utilization),
+                scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
+                                          max_num_batched_tokens=self.max_num_batched_tokens,
+                                          max_model_len=self.max_model_len),
+                lora=LoraConfig(enabled=self.enable_lora, max_loras=self.max_loras,
+                                max_lora_rank=self.max_lora_rank,
+                                max_cpu_loras=self.max_cpu_loras,
+                                enable_mixed_moe_lora_format=self.enable_mixed_moe_lora_format),
+            )
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
