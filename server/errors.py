@@ -10,7 +10,7 @@ from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import (
@@ -46,6 +46,10 @@ class ApiError(Exception):
     def __init__(self, status: HTTPStatus, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its answer was complete; nobody reads the reply."""
 
 
 def model_not_found(model: str, base_name: str) -> ApiError:
@@ -97,6 +101,10 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     return error_response(exc.status_code, str(exc.detail))
 
 
+async def _on_disconnect(request: Request, exc: ClientDisconnected) -> Response:
+    return Response(status_code=499)  # nginx's "client closed request", for the access log
+
+
 async def _on_bug(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
     return error_response(HTTPStatus.INTERNAL_SERVER_ERROR,
@@ -108,4 +116,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EngineError, _on_engine_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(ClientDisconnected, _on_disconnect)
     app.add_exception_handler(Exception, _on_bug)

@@ -7,6 +7,8 @@ finish_reason; without a stream it turns the final RequestOutput into the respon
 
 from __future__ import annotations
 
+from functools import partial
+
 from pydantic import BaseModel
 
 from engine.request import CompletionOutput, RequestOutput, TokenLogprob
@@ -24,14 +26,31 @@ def usage_of(out: RequestOutput) -> UsageInfo:
                      total_tokens=prompt + completion)
 
 
+_CONTEXT = 8  # tokens of left context when spelling one token (spaces depend on it)
+
+
 class _Formatter:
     def __init__(self, tokenizer, response_id: str, model: str, want_logprobs: bool) -> None:
         self.tokenizer, self.id, self.model = tokenizer, response_id, model
         self.want_logprobs = want_logprobs
         self._reported_finish: set[int] = set()
 
-    def _token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def _pieces(self, out: RequestOutput, choice: CompletionOutput,
+                entries: list[TokenLogprob]) -> list[tuple[str, list[tuple[str, float]]]]:
+        """Spell each logprob entry (the choice's last len(entries) tokens) and its
+        alternatives as the text it adds after its left context, so a leading space is kept."""
+        token_ids = out.prompt_token_ids[-_CONTEXT:] + choice.token_ids
+        start, spelled = len(token_ids) - len(entries), []
+        for i, entry in enumerate(entries):
+            prefix = token_ids[max(0, start + i - _CONTEXT): start + i]
+            before = self.tokenizer.decode(prefix)
+            spell = partial(self._piece, prefix, before)
+            spelled.append((spell(entry.token_id), [(spell(t), lp) for t, lp in entry.top]))
+        return spelled
+
+    def _piece(self, prefix: list[int], before: str, token_id: int) -> str:
+        text = self.tokenizer.decode(prefix + [token_id])
+        return text[len(before):] if text.startswith(before) else self.tokenizer.decode([token_id])
 
     def _changed(self, out: RequestOutput) -> list[CompletionOutput]:
         """Choices with new text or tokens, or a finish_reason not yet reported."""
@@ -53,23 +72,23 @@ class CompletionFormatter(_Formatter):
         super().__init__(tokenizer, response_id, model, want_logprobs)
         self._offsets: dict[int, int] = {}
 
-    def _logprobs(self, index: int, entries: list[TokenLogprob]) -> CompletionLogprobs | None:
+    def _logprobs(self, out: RequestOutput, choice: CompletionOutput,
+                  entries: list[TokenLogprob]) -> CompletionLogprobs | None:
         if not self.want_logprobs:
             return None
-        result, offset = CompletionLogprobs(), self._offsets.get(index, 0)
-        for entry in entries:
-            token = self._token(entry.token_id)
+        result, offset = CompletionLogprobs(), self._offsets.get(choice.index, 0)
+        for (token, top), entry in zip(self._pieces(out, choice, entries), entries):
             result.tokens.append(token)
             result.token_logprobs.append(entry.logprob)
-            result.top_logprobs.append({self._token(t): lp for t, lp in entry.top})
+            result.top_logprobs.append(dict(top))
             result.text_offset.append(offset)
             offset += len(token)
-        self._offsets[index] = offset
+        self._offsets[choice.index] = offset
         return result
 
     def chunks(self, out: RequestOutput) -> list[CompletionResponse]:
         return [CompletionResponse(id=self.id, model=self.model, choices=[CompletionChoice(
-            index=c.index, text=c.text_delta, logprobs=self._logprobs(c.index, c.logprobs_delta),
+            index=c.index, text=c.text_delta, logprobs=self._logprobs(out, c, c.logprobs_delta),
             finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
             for c in self._changed(out)]
 
@@ -78,7 +97,7 @@ class CompletionFormatter(_Formatter):
 
     def response(self, out: RequestOutput) -> CompletionResponse:
         choices = [CompletionChoice(index=c.index, text=c.text,
-                                    logprobs=self._logprobs(c.index, c.logprobs or []),
+                                    logprobs=self._logprobs(out, c, c.logprobs or []),
                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                    for c in out.outputs]
         return CompletionResponse(id=self.id, model=self.model, choices=choices,
@@ -86,16 +105,17 @@ class CompletionFormatter(_Formatter):
 
 
 class ChatFormatter(_Formatter):
-    def _top(self, token_id: int, logprob: float) -> TopLogprob:
-        token = self._token(token_id)
-        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
-
-    def _logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
+    def _logprobs(self, out: RequestOutput, choice: CompletionOutput,
+                  entries: list[TokenLogprob]) -> ChatLogprobs | None:
         if not self.want_logprobs:
             return None
-        return ChatLogprobs(content=[ChatLogprobToken(
-            **self._top(e.token_id, e.logprob).model_dump(),
-            top_logprobs=[self._top(t, lp) for t, lp in e.top]) for e in entries])
+        content = []
+        for (token, top), entry in zip(self._pieces(out, choice, entries), entries):
+            content.append(ChatLogprobToken(
+                token=token, logprob=entry.logprob, bytes=list(token.encode()),
+                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode()))
+                              for t, lp in top]))
+        return ChatLogprobs(content=content)
 
     def opening(self, n: int) -> list[ChatCompletionChunk]:
         """vLLM and OpenAI open each choice with a role-only delta."""
@@ -105,7 +125,7 @@ class ChatFormatter(_Formatter):
     def chunks(self, out: RequestOutput) -> list[ChatCompletionChunk]:
         return [ChatCompletionChunk(id=self.id, model=self.model, choices=[ChatStreamChoice(
             index=c.index, delta=DeltaMessage(content=c.text_delta),
-            logprobs=self._logprobs(c.logprobs_delta), finish_reason=c.finish_reason,
+            logprobs=self._logprobs(out, c, c.logprobs_delta), finish_reason=c.finish_reason,
             stop_reason=c.stop_reason)]) for c in self._changed(out)]
 
     def usage_chunk(self, out: RequestOutput) -> ChatCompletionChunk:
@@ -113,7 +133,7 @@ class ChatFormatter(_Formatter):
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
         choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
-                              logprobs=self._logprobs(c.logprobs or []),
+                              logprobs=self._logprobs(out, c, c.logprobs or []),
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                    for c in out.outputs]
         return ChatCompletionResponse(id=self.id, model=self.model, choices=choices,

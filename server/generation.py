@@ -17,15 +17,12 @@ from typing import TypeVar
 from fastapi import Request
 
 from engine.request import RequestOutput, SamplingParams
+from server.errors import ClientDisconnected
 from server.metrics import RequestTimer
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The HTTP client went away before its answer was complete."""
 
 
 async def _disconnected(request: Request) -> None:

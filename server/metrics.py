@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -78,6 +80,7 @@ class ServerMetrics:
     """The registry /metrics renders, and the per-request instruments."""
 
     def __init__(self, engine) -> None:
+        disable_created_metrics()  # vLLM exposes no *_created series either
         self.registry = CollectorRegistry()
         r, by_model = self.registry, ["adapter"]
         self.requests = Counter("loramux_requests", "Finished requests by adapter and reason.",

@@ -8,7 +8,6 @@ not-found / already-loaded answers exactly as vLLM does.
 from __future__ import annotations
 
 import itertools
-import logging
 from http import HTTPStatus
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from server.errors import ApiError, model_not_found
 from server.protocol import LoadLoRAAdapterRequest
 from server.responses import ModelCard
 from server.settings import LoraModule, Settings
-
-logger = logging.getLogger(__name__)
 
 
 class ModelRegistry:
@@ -68,20 +65,16 @@ class ModelRegistry:
                            "lora_name")
         await self.engine.add_lora(body.lora_request(next(self._ids),
                                                      self._confined(body.lora_path)))
-        logger.info("adapter %s loaded from %s", name, body.lora_path)
 
     async def unload(self, name: str) -> None:
         if name not in self._adapters():
             raise ApiError(HTTPStatus.NOT_FOUND, f"The lora adapter '{name}' cannot be found.",
                            "lora_name")
         await self.engine.remove_lora(name)
-        logger.info("adapter %s unloaded", name)
 
-    async def load_static(self, modules: tuple[LoraModule, ...]) -> None:
-        """--lora-modules (trusted: the operator's own command line, so no root check)."""
-        for m in modules:
-            await self.engine.add_lora(LoRARequest(
-                lora_name=m.name, lora_int_id=next(self._ids),
-                lora_path=str(Path(m.path).expanduser().resolve()),
-                base_model_name=m.base_model_name, is_3d_lora_weight=m.is_3d_lora_weight))
-            logger.info("adapter %s loaded from %s", m.name, m.path)
+    async def load_static(self, m: LoraModule) -> None:
+        """One --lora-modules item (trusted: the operator's command line, so no root check)."""
+        await self.engine.add_lora(LoRARequest(
+            lora_name=m.name, lora_int_id=next(self._ids),
+            lora_path=str(Path(m.path).expanduser().resolve()),
+            base_model_name=m.base_model_name, is_3d_lora_weight=m.is_3d_lora_weight))

@@ -15,12 +15,9 @@ Every problem raises AdapterLoadError naming the key or module (AdapterNotFound:
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import pickle
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,19 +25,13 @@ from safetensors import SafetensorError, safe_open
 
 from engine.config import ModelConfig
 from engine.errors import AdapterLoadError, AdapterNotFound
-from engine.lora.peft_keys import (LoraKey, dim_names, fused_targets, parse_key, pattern_value,
-                                   peft_version_at_least, positional_candidates)
+from engine.lora.peft_keys import (LoraHyper, LoraPair, check_expert_rows, dim_names,
+                                   fused_orientations, pair_up, peft_version_at_least,
+                                   positional_candidates, read_config, unfold_fused)
 from engine.lora.weights import ExpertLayout, LoraAdapter, LoraWeights
 
 logger = logging.getLogger(__name__)
 
-_UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA (use_dora)",
-    "lora_bias": "LoRA bias terms (lora_bias)",
-    "layer_replication": "layer_replication",
-    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-}
 _ONE_ORIENTATION_SINCE = (0, 19, 1)  # first PEFT release writing 3D LoRA in the FORMATS.md layout
 
 
@@ -56,11 +47,11 @@ def read_adapter(name: str, path: str, model_config: ModelConfig, max_rank: int,
     if native_layout not in (None, "2d", "3d"):
         raise ValueError(f"native_layout must be '2d', '3d' or None, got {native_layout!r}")
     root = _adapter_dir(path)
-    config = _read_config(root)
-    hyper = _Hyper.from_config(config)
+    config = read_config(root)
+    hyper = LoraHyper.from_config(config)
     tensors, file_format = _read_tensors(root)
     builder = _WeightBuilder(model_config, hyper, max_rank)
-    weights = builder.build(_pair_up(tensors, root))
+    weights = builder.build(pair_up(tensors, f"adapter {path}"))
     _check_layout(builder.layout, is_3d_lora_weight, native_layout, allow_mixed)
     meta = {"format": file_format, "peft_version": hyper.peft_version,
             "num_targets": len(weights), **builder.summary}
@@ -80,28 +71,6 @@ def _adapter_dir(path: str) -> Path:
     if not (root / "adapter_config.json").is_file():
         raise AdapterLoadError(f"{path} has no adapter_config.json: not a PEFT adapter directory")
     return root
-
-
-def _read_config(root: Path) -> dict:
-    """adapter_config.json, refused when it asks for anything beyond plain LoRA deltas."""
-    try:
-        config = json.loads((root / "adapter_config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterLoadError(f"adapter_config.json in {root} is not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise AdapterLoadError(f"adapter_config.json in {root} is not a JSON object")
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise AdapterLoadError(f"peft_type {config['peft_type']!r}: loramux serves LoRA only")
-    if config.get("modules_to_save"):
-        raise AdapterLoadError(
-            f"modules_to_save {config['modules_to_save']} replaces whole modules; loramux serves "
-            "LoRA deltas only")
-    if config.get("bias", "none") != "none":
-        raise AdapterLoadError(f"bias={config['bias']!r} trains base biases; it must be 'none'")
-    for option, what in _UNSUPPORTED_OPTIONS.items():
-        if config.get(option):
-            raise AdapterLoadError(f"{what} is not supported ({option}={config[option]!r})")
-    return config
 
 
 def _read_tensors(root: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -136,8 +105,6 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
 def _as_float32(key: str, tensor: torch.Tensor) -> torch.Tensor:
     if not tensor.is_floating_point():
         raise AdapterLoadError(f"{key} has dtype {tensor.dtype}; LoRA weights are floating point")
-    if tensor.dim() != 2:
-        raise AdapterLoadError(f"{key} has shape {list(tensor.shape)}; LoRA weights are matrices")
     tensor = tensor.to(torch.float32)
     if not torch.isfinite(tensor).all():
         raise AdapterLoadError(f"{key} contains NaN or Inf values")
@@ -209,12 +176,12 @@ class _WeightBuilder:
         if pair.a.shape[0] != pair.b.shape[1]:
             raise AdapterLoadError(f"{name_a}: lora_A has rank {pair.a.shape[0]} but its lora_B "
                                    f"has rank {pair.b.shape[1]}")
-        for name, found, expected, what in ((name_a, pair.a.shape[1], d_in, in_name),
-                                            (pair.names["B"], pair.b.shape[0], d_out, out_name)):
+        for part, found, expected, what in (("A", pair.a.shape[1], d_in, in_name),
+                                            ("B", pair.b.shape[0], d_out, out_name)):
             if found != expected:
-                raise AdapterLoadError(f"{name}: shape {list(pair.tensors[name[-13]].shape)} does "
-                                       f"not match the model: expected {what} = {expected}, "
-                                       f"found {found}")
+                raise AdapterLoadError(f"{pair.names[part]}: shape {list(pair.tensors[part].shape)}"
+                                       f" does not match the model: expected {what} = {expected},"
+                                       f" found {found}")
         rank, scale = self.hyper.rank_and_scale(pair.key.peft_name)
         self._check_rank(pair.a.shape[0], module)
         if pair.a.shape[0] != rank:
@@ -252,3 +219,81 @@ class _WeightBuilder:
         if len(factors) < num_experts:
             self.summary["zero_experts"][module] = sorted(set(range(num_experts)) - set(factors))
         return LoraWeights(a=a, b=b)
+
+    def _experts_3d(self, pairs: list[LoraPair]) -> dict[str, LoraWeights]:
+        """3D pairs: name each (depth, target_parameters, shape), then unfold in one orientation."""
+        if not pairs:
+            return {}
+        candidates = self._fused_candidates(pairs)
+        orientation = self._orientation([fits for _, _, fits in candidates])
+        self.layout = "3d"
+        weights: dict[str, LoraWeights] = {}
+        for pair, experts, fits in candidates:
+            (param,) = [p for p, o in fits if o == orientation]
+            module = f"{experts}.{param}"
+            if module in weights:
+                raise AdapterLoadError(f"{pair.names['A']} is a second LoRA for {module}")
+            weights[module] = self._unfold(pair, module, param, orientation)
+        return weights
+
+    def _fused_candidates(self, pairs: list[LoraPair]) -> list[tuple[LoraPair, str, set]]:
+        """(pair, experts module, {(parameter, orientation)} its shapes fit) for each 3D pair."""
+        depths: dict[str, set[int]] = defaultdict(set)
+        for pair in pairs:
+            if pair.key.kind == "positional":
+                depths[pair.key.module].add(pair.key.depth)
+        by_depth = {module: positional_candidates(module, found, self.hyper.fused_targets)
+                    for module, found in depths.items()}
+        candidates = []
+        for pair in pairs:
+            if pair.key.kind == "positional":
+                experts, params = pair.key.module, by_depth[pair.key.module][pair.key.depth]
+            else:
+                experts, _, param = pair.key.module.rpartition(".")
+                params = (param,)
+            candidates.append((pair, experts, self._fits(pair, experts, params)))
+        return candidates
+
+    def _fits(self, pair: LoraPair, experts: str, params: tuple[str, ...]) -> set[tuple[str, str]]:
+        fits, expected = set(), []
+        for param in params:
+            d_in, d_out, _ = self._target(f"{experts}.{param}", pair.names["A"], has_experts=True)
+            found = fused_orientations(pair.a.shape[1], pair.b.shape[0], d_in, d_out)
+            fits |= {(param, orientation) for orientation in found}
+            in_name, out_name = dim_names(f"{experts}.{param}")
+            expected.append(f"{param}: lora_A [E*r, {d_in}] ({in_name}) and lora_B "
+                            f"[{d_out}, r*E] ({out_name})")
+        if not fits:
+            raise AdapterLoadError(
+                f"{pair.names['A']}: shapes lora_A {list(pair.a.shape)}, lora_B "
+                f"{list(pair.b.shape)} do not match the model: expected {' or '.join(expected)}, "
+                "or their transpose as PEFT <= 0.18 wrote it")
+        return fits
+
+    def _orientation(self, fits: list[set[tuple[str, str]]]) -> str:
+        """The one reading ("standard" / "transposed") that fits every 3D pair of the file."""
+        common = set.intersection(*({orientation for _, orientation in f} for f in fits))
+        if len(common) == 2 and peft_version_at_least(self.hyper.peft_version,
+                                                      _ONE_ORIENTATION_SINCE):
+            common = {"standard"}
+        if len(common) != 1:
+            raise AdapterLoadError(
+                "cannot tell whether the 3D expert LoRA is stored transposed (as PEFT <= 0.18 "
+                "could write it): "
+                + ("its tensors disagree" if not common else
+                   f"its shapes fit both readings for this model (hidden_size "
+                   f"{self.model_config.hidden_size}, moe_intermediate_size "
+                   f"{self.model_config.moe_intermediate_size}) and peft_version "
+                   f"{self.hyper.peft_version!r} does not settle it")
+                + "; re-save the adapter with PEFT >= 0.19.1")
+        self.summary = {"expert_layout": "3d", "orientation": next(iter(common))}
+        return self.summary["orientation"]
+
+    def _unfold(self, pair: LoraPair, module: str, param: str, orientation: str) -> LoraWeights:
+        num_experts = self.shapes[module][2]
+        peft_name = pair.key.peft_name + ("" if pair.key.kind == "fused" else f".{param}")
+        rank, scale = self.hyper.rank_and_scale(peft_name)
+        self._check_rank(rank, module)
+        check_expert_rows(pair.names["A"], pair.a.shape[0], pair.b.shape[1], num_experts, rank)
+        a, b = unfold_fused(pair.a, pair.b, num_experts, rank, orientation)
+        return LoraWeights(a=a, b=b * scale)

@@ -8,16 +8,18 @@ Key forms (after the PEFT prefix `base_model.model.` and the model's own `model.
   3D by depth layers.L.mlp.experts(.base_layer)*.lora_A.weight     (PEFT target_parameters: one
               nested wrapper per targeted parameter, so the key names a depth, not a parameter)
 `.base_layer` segments anywhere else in a module path are dropped (some exporters keep them).
-Also here: the config fields that give each target its rank and scale (LoraHyper), and the
-pairing of lora_A with lora_B (pair_up).
+Also here: adapter_config.json (read_config, and LoraHyper: each target's rank and scale),
+pairing lora_A with lora_B (pair_up), and the 3D expert fold (fused_orientations, unfold_fused).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -43,6 +45,13 @@ _EXPERT_PROJ = re.compile(r"^\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|
 _FUSED_PROJ = re.compile(r"^\.(?P<proj>gate_up_proj|down_proj)$")
 
 # The config.json field behind each dimension of a target, for error messages: (D_in, D_out).
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA bias terms (lora_bias)",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+}
 _DIM_NAMES = {
     "self_attn.q_proj": ("hidden_size", "num_attention_heads*head_dim"),
     "self_attn.k_proj": ("hidden_size", "num_key_value_heads*head_dim"),
@@ -140,6 +149,38 @@ def positional_candidates(module: str, depths: set[int],
         f"{FUSED_PARAMS[0]} and {FUSED_PARAMS[1]} only (at most two nested wrappers)")
 
 
+def fused_orientations(a_cols: int, b_rows: int, d_in: int, d_out: int) -> set[str]:
+    """The readings of a 3D pair (lora_A [E*r, a_cols], lora_B [b_rows, r*E]) that fit a
+    parameter of (D_in, D_out): "standard" (A [E*r, D_in], B [D_out, r*E], PEFT >= 0.19.1)
+    and/or "transposed" (A [E*r, D_out], B [D_in, r*E], PEFT <= 0.18 on [E, out, in] weights)."""
+    readings = {"standard": (d_in, d_out), "transposed": (d_out, d_in)}
+    return {name for name, dims in readings.items() if dims == (a_cols, b_rows)}
+
+
+def check_expert_rows(key: str, rows: int, cols: int, num_experts: int, rank: int) -> None:
+    """lora_A rows and lora_B columns of a 3D pair must both be num_experts * rank."""
+    if rows != cols:
+        raise AdapterLoadError(f"{key}: lora_A has {rows} rows but lora_B has {cols} columns; "
+                               "both must be num_experts * r")
+    if rows != num_experts * rank:
+        guess = f" ({rows // rank} experts of rank {rank}?)" if rows % rank == 0 else ""
+        raise AdapterLoadError(
+            f"{key}: lora_A has {rows} rows{guess}, expected num_experts x r = {num_experts} x "
+            f"{rank} = {num_experts * rank}: the model has {num_experts} experts (num_experts) and "
+            f"adapter_config.json gives this target rank {rank}")
+
+
+def unfold_fused(a: torch.Tensor, b: torch.Tensor, num_experts: int, rank: int,
+                 orientation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [E*r, X] (rows expert-major), B [Y, r*E] (columns rank-major) -> a [E, r, D_in],
+    b [E, D_out, r]. A transposed file holds B_e @ A_e = delta_e^T, so a_e = B_e^T, b_e = A_e^T."""
+    a3 = a.reshape(num_experts, rank, a.shape[1])  # A.view(E, r, in)[e]
+    b3 = b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1)  # B.view(out, r, E)[:, :, e]
+    if orientation == "transposed":
+        a3, b3 = b3.transpose(1, 2), a3.transpose(1, 2)
+    return a3.contiguous(), b3.contiguous()
+
+
 def pattern_value(patterns: dict, peft_name: str, default: float) -> float:
     """rank_pattern / alpha_pattern lookup as PEFT does it: the first key (in file order) that
     matches the end of the name at a dot boundary, as a regular expression."""
@@ -158,6 +199,28 @@ def peft_version_at_least(version: str | None, minimum: tuple[int, ...]) -> bool
     """True when a `peft_version` string such as "0.19.1.dev0" is at least `minimum`."""
     numbers = re.findall(r"\d+", version or "")[: len(minimum)]
     return len(numbers) == len(minimum) and tuple(map(int, numbers)) >= minimum
+
+
+def read_config(root: Path) -> dict:
+    """adapter_config.json, refused when it asks for anything beyond plain LoRA deltas."""
+    try:
+        config = json.loads((root / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"adapter_config.json in {root} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"adapter_config.json in {root} is not a JSON object")
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterLoadError(f"peft_type {config['peft_type']!r}: loramux serves LoRA only")
+    if config.get("modules_to_save"):
+        raise AdapterLoadError(
+            f"modules_to_save {config['modules_to_save']} replaces whole modules; loramux serves "
+            "LoRA deltas only")
+    if config.get("bias", "none") != "none":
+        raise AdapterLoadError(f"bias={config['bias']!r} trains base biases; it must be 'none'")
+    for option, what in _UNSUPPORTED_OPTIONS.items():
+        if config.get(option):
+            raise AdapterLoadError(f"{what} is not supported ({option}={config[option]!r})")
+    return config
 
 
 @dataclass(frozen=True)
@@ -222,6 +285,8 @@ def pair_up(tensors: dict[str, torch.Tensor], source: str) -> list[LoraPair]:
     pairs: dict[tuple, LoraPair] = {}
     for key, tensor in tensors.items():
         parsed = parse_key(key)
+        if tensor.dim() != 2:
+            raise AdapterLoadError(f"{key} has shape {list(tensor.shape)}; LoRA weights are matrices")
         pair = pairs.setdefault((parsed.kind, parsed.module, parsed.expert, parsed.depth),
                                 LoraPair(parsed))
         if parsed.part in pair.names:

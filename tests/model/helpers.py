@@ -16,13 +16,13 @@ from kernels import LoraMeta
 
 
 def load_model(path: Path, max_loras: int = 0, max_lora_rank: int = 0,
-               dtype: torch.dtype = torch.float32,
-               device: str = "cpu") -> tuple[MoeForCausalLM, str]:
+               dtype: torch.dtype = torch.float32, device: str = "cpu",
+               backend: str = "auto") -> tuple[MoeForCausalLM, str]:
     """Our model of the checkpoint at `path` and its native expert layout."""
     device = torch.device(device)
     config = ModelConfig.from_pretrained(path)
-    model = build_model(config, dtype, device, kernels.select_ops(device), max_loras,
-                        max_lora_rank)
+    ops = kernels.select_ops(device, backend)
+    model = build_model(config, dtype, device, ops, max_loras, max_lora_rank)
     return model, load_weights(model, path)
 
 

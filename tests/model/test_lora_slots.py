@@ -62,11 +62,9 @@ def run_batch(session: PagedSession, slots: tuple[int, ...]) -> list[torch.Tenso
     return [torch.cat([step[i] for step in steps]) for i in range(len(PROMPTS))]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["base2d", "base3d"])
-@pytest.mark.parametrize("arch", ARCHS)
+# The base checkpoint's expert layout does not matter to slots: one 3d base suffices.
+@pytest.mark.parametrize("arch,fused", [(a, False) for a in ARCHS] + [("qwen3_moe", True)])
 def test_mixed_2d_3d_and_base_batch_matches_merged_reference(checkpoint, arch, fused):
-    if fused and arch != "qwen3_moe":
-        pytest.skip("the base layout does not matter to slots; one 3d base suffices")
     path = checkpoint(arch, fused)
     model, _ = load_model(path, max_loras=2, max_lora_rank=MAX_RANK)
     config = model.config

@@ -1,0 +1,71 @@
+"""Triton backend of the loramux ops, with exactly the signatures of the torch twins.
+
+fused_experts runs, per MoE layer: moe_align (skipped in naive mode) -> [LoRA gate_up delta] ->
+gate_up GEMM with SiLU*up -> [LoRA down delta] -> down GEMM with routing weight -> sum over K.
+The LoRA launches are skipped when no token of the step has a slot (meta.has_lora is False).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.lora import lora_delta
+from kernels.meta import LoraMeta
+from kernels.moe import gemm_config, moe_gemm
+from kernels.moe_align import moe_align
+from kernels.moe_lora import moe_lora_delta
+from kernels.reference import MoeLora
+
+__all__ = ["fused_experts", "lora_delta"]
+
+
+def fused_experts(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    lora: MoeLora | None,
+    meta: LoraMeta | None,
+) -> torch.Tensor:
+    """Routed SiLU-gated experts with per-token MoE-LoRA, summed over top-k.
+
+    Semantics:
+        for t, k: e = topk_ids[t, k]; s = token_slot[t]
+            gu = x[t] @ w_gate_up[e].T                                     # [2I]
+            if s >= 0: gu[:I] += (x[t] @ A_gu[s, e, 0:R].T) @ B_gu[s, e, :I].T
+                       gu[I:] += (x[t] @ A_gu[s, e, u*R:(u+1)*R].T) @ B_gu[s, e, I:].T
+                                                                   (u = up_block[s])
+            act = silu(gu[:I]) * gu[I:]                                    # [I]
+            d = act @ w_down[e].T
+            if s >= 0: d += (act @ A_down[s, e].T) @ B_down[s, e].T
+            out[t] += topk_weights[t, k] * d
+    Args:
+        x: [T, H]; w_gate_up: [E, 2I, H] (gate rows then up rows); w_down: [E, H, I]
+        topk_weights: [T, K] (x.dtype); topk_ids: [T, K] int
+        lora: MoeLora slot buffers or None; meta: LoraMeta or None
+    Returns:
+        [T, H] in x.dtype
+    """
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w_gate_up.shape
+    top_k = topk_ids.shape[1]
+    assert w_down.shape == (num_experts, hidden, two_inter // 2), "w_down must be [E, H, I]"
+    assert topk_weights.shape == topk_ids.shape == (num_tokens, top_k), "routing must be [T, K]"
+    assert x.dtype == w_gate_up.dtype == w_down.dtype, "x and expert weights share a dtype"
+    topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
+    config = gemm_config(num_tokens, two_inter // 2)
+    naive = num_tokens * top_k * 4 <= num_experts
+    routing = None if naive else moe_align(topk_ids, num_experts, config["BLOCK_M"])
+    use_lora = lora is not None and meta is not None and meta.has_lora
+    slots = meta.token_slot if use_lora else None
+    delta = None
+    if use_lora:
+        delta = moe_lora_delta(x, lora.a_gate_up, lora.b_gate_up, lora.up_block,
+                               topk_ids, slots, routing)
+    act = moe_gemm(x, w_gate_up, topk_ids, topk_weights, routing, delta, slots, config, True)
+    if use_lora:
+        delta = moe_lora_delta(act, lora.a_down, lora.b_down, None, topk_ids, slots, routing)
+    config = gemm_config(num_tokens, hidden)
+    out = moe_gemm(act, w_down, topk_ids, topk_weights, routing, delta, slots, config, False)
+    return out.view(num_tokens, top_k, hidden).sum(dim=1)

@@ -1,0 +1,29 @@
+"""create_app(engine, settings) -> FastAPI: state, error handlers and routers, nothing else.
+
+The engine's lifecycle (build, start, static adapters, shutdown) belongs to server.launch.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from server import __version__
+from server.errors import install_error_handlers
+from server.metrics import ServerMetrics
+from server.registry import ModelRegistry
+from server.routes import adapters, completions, health, models
+from server.settings import Settings
+from server.state import ServerState
+
+
+def create_app(engine, settings: Settings) -> FastAPI:
+    app = FastAPI(title="loramux", version=__version__)
+    app.state.server = ServerState(engine=engine, settings=settings,
+                                   models=ModelRegistry(engine, settings),
+                                   metrics=ServerMetrics(engine))
+    install_error_handlers(app)
+    for module in (health, models, completions):
+        app.include_router(module.router)
+    if settings.allow_runtime_lora_updating:
+        app.include_router(adapters.router)
+    return app

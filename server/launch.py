@@ -1,0 +1,59 @@
+"""Process lifecycle: build the engine (slow), start its loop, load --lora-modules, serve.
+
+Static adapters load on the serving event loop before uvicorn binds the port, so a bad one
+stops start-up with one line and a non-zero exit instead of a half-working server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import uvicorn
+
+from engine.errors import EngineError
+from server.app import create_app
+from server.settings import Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _build_engine(settings: Settings):
+    from engine import Engine
+
+    try:
+        return Engine(settings.to_engine_config())
+    except (EngineError, SettingsError, ValueError, OSError) as exc:
+        sys.exit(f"loramux: error: cannot load model {settings.model}: {exc}")
+
+
+async def _serve(settings: Settings, engine) -> None:
+    app = create_app(engine, settings)
+    engine.start()
+    try:
+        for module in settings.lora_modules:
+            try:
+                await app.state.server.models.load_static(module)
+            except EngineError as exc:
+                sys.exit(f"loramux: error: adapter {module.name!r} ({module.path}) failed to "
+                         f"load: {exc}")
+        config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                                log_level=settings.log_level, timeout_graceful_shutdown=5)
+        logger.info("serving %s on http://%s:%d", settings.base_name, settings.host,
+                    settings.port)
+        await uvicorn.Server(config).serve()
+    finally:
+        engine.shutdown()
+
+
+def run(settings: Settings) -> int:
+    _configure_logging(settings.log_level)
+    engine = _build_engine(settings)
+    asyncio.run(_serve(settings, engine))
+    return 0

@@ -1,0 +1,31 @@
+"""GET /health, /version and /metrics: open without the API key, as in vLLM."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi import APIRouter, Depends, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server import __version__
+from server.errors import ApiError
+from server.state import ServerState, get_state
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(state: ServerState = Depends(get_state)) -> Response:
+    if not state.engine.is_alive:
+        raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the engine loop is not running")
+    return Response(status_code=HTTPStatus.OK)
+
+
+@router.get("/version")
+async def version() -> dict:
+    return {"version": __version__}
+
+
+@router.get("/metrics")
+async def metrics(state: ServerState = Depends(get_state)) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,38 @@
+"""What every route reads: the engine, the settings, the model registry and the metrics."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from fastapi import Request
+
+from server.errors import ApiError
+from server.metrics import ServerMetrics
+from server.registry import ModelRegistry
+from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class ServerState:
+    engine: object
+    settings: Settings
+    models: ModelRegistry
+    metrics: ServerMetrics
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def require_api_key(request: Request) -> None:
+    """--api-key: `Authorization: Bearer KEY`, compared in constant time."""
+    key = get_state(request).settings.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                             key.encode()):
+        raise ApiError(HTTPStatus.UNAUTHORIZED,
+                       "Unauthorized: send a valid API key as `Authorization: Bearer KEY`")

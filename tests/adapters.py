@@ -1,0 +1,379 @@
+"""Test adapters written to disk: real PEFT 3D adapters, hand-written 2D ones, and broken ones.
+
+Everything here reads and writes files by its own small code (FORMATS.md section 2), never
+through engine.lora, so it can serve as an oracle for the reader. Shapes: E experts, r rank,
+H hidden, I expert intermediate size. Deltas are large enough to move greedy tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from pathlib import Path
+
+import peft
+import torch
+from peft.utils.other import get_pattern_key
+from safetensors.torch import load_file, save_file
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+MIXTRAL_MLP = ("w1", "w3", "w2")  # gate, up, down
+EXPERTS_3D = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+PREFIX = "base_model.model."
+
+BAD_KINDS = (
+    "not_an_adapter", "invalid_json", "no_weights", "truncated_safetensors",
+    "corrupt_safetensors", "nan_weights", "inf_weights", "use_dora", "modules_to_save", "bias",
+    "missing_lora_b", "unknown_module", "non_lora_key", "unsupported_target_parameter",
+    "wrong_hidden_size", "wrong_num_experts", "wrong_intermediate_size", "rank_mismatch",
+    "rank_too_high",
+)
+
+_2D_EXPERT = re.compile(r"^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)$")
+_3D_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)(\.base_layer)?$")
+
+
+def make_peft_3d_adapter(hf_model, path, r: int = 4, alpha: float = 8, *,
+                         target_modules=ATTENTION, target_parameters=EXPERTS_3D, seed: int = 0,
+                         **lora_kwargs) -> Path:
+    """A real PEFT adapter (target_parameters on the fused experts) with random A and B."""
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules) or None,
+                             target_parameters=list(target_parameters) or None, **lora_kwargs)
+    model = peft.get_peft_model(copy.deepcopy(hf_model), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(_random(tuple(param.shape), "lora_A" in name, generator))
+    model.save_pretrained(path)
+    return Path(path)
+
+
+def peft_merged(hf_model, adapter_dir):
+    """PEFT's own merge_and_unload of an adapter directory into a copy of the model."""
+    return peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), adapter_dir).merge_and_unload()
+
+
+def make_2d_adapter(hf_model, path, r: int = 4, alpha: float = 8, seed: int = 0, *,
+                    target_modules=ATTENTION + MLP + MIXTRAL_MLP, experts=None,
+                    **config_fields) -> Path:
+    """Per-expert (2D) adapter in the format PEFT + transformers 4 writes (FORMATS.md 2.1).
+
+    Targets every Linear and every expert projection whose last name is in target_modules
+    (Mixtral experts as block_sparse_moe.experts.e.w1/w3/w2); `experts` limits which experts get
+    LoRA; rank_pattern / alpha_pattern / use_rslora in config_fields are honoured.
+    """
+    config = _config(r, alpha, **config_fields)
+    generator = torch.Generator().manual_seed(seed)
+    tensors, used = {}, set()
+    for name, (d_out, d_in) in _2d_targets(hf_model, experts):
+        if name.rsplit(".", 1)[-1] in target_modules:
+            rank, _ = _rank_scale(config, name)
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = _random((rank, d_in), True, generator)
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = _random((d_out, rank), False, generator)
+            used.add(name.rsplit(".", 1)[-1])
+    return _write(path, {**config, "target_modules": sorted(used)}, tensors)
+
+
+def split_3d_to_2d(src_dir, dst_dir, *, mixtral_names: bool = False) -> Path:
+    """A 3D adapter as the equal 2D one: gate and up share A, B rows [:I] gate, [I:] up."""
+    config, tensors = read_adapter_files(src_dir)
+    gate, up, down = MIXTRAL_MLP if mixtral_names else MLP
+    moe = "block_sparse_moe" if mixtral_names else "mlp"
+    out, patterns = {}, {"rank_pattern": {}, "alpha_pattern": {}}
+    for module, (a, b) in _pairs(tensors).items():
+        param = _fused_param(config, tensors, module)
+        if param is None:
+            out.update(_pair_tensors(module, a, b))
+            continue
+        rank, alpha = _rank_alpha(config, f"{_3D_EXPERTS.match(module)[1]}.{param}")
+        a_e, b_e = unfold_3d(a, b, rank)
+        layer = module.split(".mlp.")[0]
+        split = {gate: (0, b.shape[0] // 2), up: (b.shape[0] // 2, b.shape[0])} \
+            if param == "gate_up_proj" else {down: (0, b.shape[0])}
+        for e in range(a_e.shape[0]):
+            for proj, (lo, hi) in split.items():
+                name = f"{layer}.{moe}.experts.{e}.{proj}"
+                out.update(_pair_tensors(name, a_e[e], b_e[e, lo:hi]))
+                patterns["rank_pattern"][re.escape(name)] = rank
+                patterns["alpha_pattern"][re.escape(name)] = alpha
+    targets = sorted(set(config.get("target_modules") or ()) | {gate, up, down})
+    for field in patterns:  # explicit names first: PEFT takes the first pattern that matches
+        patterns[field].update(config.get(field) or {})
+    config = {**config, **patterns, "target_parameters": None, "target_modules": targets}
+    return _write(dst_dir, config, out)
+
+
+def merged_reference(hf_model, adapter_dir):
+    """A copy of the transformers model with every delta of the adapter folded into its weights.
+
+    Reads 2D (per-expert) and 3D (PEFT target_parameters) files itself, per FORMATS.md.
+    """
+    config, tensors = read_adapter_files(adapter_dir)
+    model = copy.deepcopy(hf_model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for module, (a, b) in _pairs(tensors).items():
+            _fold(params, config, tensors, module, a, b)
+    return model
+
+
+def read_adapter_files(adapter_dir) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, tensors) of an adapter directory (.safetensors or .bin)."""
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    file = adapter_dir / "adapter_model.safetensors"
+    if file.is_file():
+        return config, load_file(file)
+    return config, torch.load(adapter_dir / "adapter_model.bin", weights_only=True)
+
+
+def unfold_3d(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [E*r, in] (expert-major rows), B [out, r*E] (rank-major columns) -> [E, r, in], [E, out, r]."""
+    num_experts = a.shape[0] // rank
+    return (a.reshape(num_experts, rank, -1),
+            b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1))
+
+
+def fold_3d(a_e: torch.Tensor, b_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of unfold_3d: [E, r, in], [E, out, r] -> A [E*r, in], B [out, r*E]."""
+    num_experts, rank, _ = a_e.shape
+    return (a_e.reshape(num_experts * rank, -1).contiguous(),
+            b_e.permute(1, 2, 0).reshape(b_e.shape[1], rank * num_experts).contiguous())
+
+
+def write_transposed_vintage(src_dir, dst_dir, peft_version: str = "0.18.0") -> Path:
+    """The 3D adapter as PEFT <= 0.18 wrote it on [E, out, in] weights: per expert B_e @ A_e is
+    the transposed delta, so A' [E*r, D_out] holds B_e^T and B' [D_in, r*E] holds A_e^T."""
+    config, tensors = read_adapter_files(src_dir)
+    out = {}
+    for module, (a, b) in _pairs(tensors).items():
+        param = _fused_param(config, tensors, module)
+        if param is not None:
+            rank, _ = _rank_alpha(config, f"{_3D_EXPERTS.match(module)[1]}.{param}")
+            a_e, b_e = unfold_3d(a, b, rank)
+            a, b = fold_3d(b_e.transpose(1, 2), a_e.transpose(1, 2))
+        out.update(_pair_tensors(module, a, b))
+    return _write(dst_dir, {**config, "peft_version": peft_version}, out)
+
+
+def save_as_bin(src_dir, dst_dir) -> Path:
+    """The same adapter with adapter_model.bin (torch.save) instead of safetensors."""
+    config, tensors = read_adapter_files(src_dir)
+    dst_dir = Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    (dst_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    torch.save(tensors, dst_dir / "adapter_model.bin")
+    return dst_dir
+
+
+def write_bad_adapter(kind: str, good_dir, dst_dir) -> Path:
+    """A copy of a good adapter (2D or 3D) broken in one way, `kind` from BAD_KINDS."""
+    dst_dir = Path(dst_dir)
+    shutil.copytree(good_dir, dst_dir)
+    weights, config_file = dst_dir / "adapter_model.safetensors", dst_dir / "adapter_config.json"
+    if kind in _FILE_BREAKERS:
+        _FILE_BREAKERS[kind](dst_dir, weights, config_file)
+        return dst_dir
+    config, tensors = read_adapter_files(dst_dir)
+    if kind in _CONFIG_BREAKERS:
+        config = {**config, **_CONFIG_BREAKERS[kind](config)}
+    else:
+        tensors = _TENSOR_BREAKERS[kind](config, tensors)
+    return _write(dst_dir, config, tensors)
+
+
+# --- internals -----------------------------------------------------------------------------
+
+def _random(shape: tuple[int, ...], is_a: bool, generator: torch.Generator) -> torch.Tensor:
+    """A: std 1/sqrt(D_in) (like PEFT's init); B: std 0.5 (PEFT inits B to zero: no delta)."""
+    std = shape[-1] ** -0.5 if is_a else 0.5
+    return torch.randn(shape, generator=generator) * std
+
+
+def _config(r: int, alpha: float, **fields) -> dict:
+    return {"peft_type": "LORA", "peft_version": peft.__version__, "r": r, "lora_alpha": alpha,
+            "bias": "none", "use_dora": False, "use_rslora": False, "modules_to_save": None,
+            "rank_pattern": {}, "alpha_pattern": {}, "target_parameters": None,
+            "base_model_name_or_path": None, **fields}
+
+
+def _write(path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()},
+              path / "adapter_model.safetensors")
+    return path
+
+
+def _2d_targets(hf_model, experts=None):
+    """(transformers-4 module name, (D_out, D_in)) of every Linear and every expert projection."""
+    mixtral = hf_model.config.model_type == "mixtral"
+    for name, module in hf_model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            yield name, tuple(module.weight.shape)
+        elif isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):
+            num_experts, two_i, hidden = module.gate_up_proj.shape
+            prefix = name.replace("mlp.experts", "block_sparse_moe.experts") if mixtral else name
+            projs = MIXTRAL_MLP if mixtral else MLP
+            shapes = ((two_i // 2, hidden), (two_i // 2, hidden), (hidden, two_i // 2))
+            for e in range(num_experts) if experts is None else experts:
+                yield from ((f"{prefix}.{e}.{p}", s) for p, s in zip(projs, shapes))
+
+
+def _pairs(tensors: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name (without the PEFT prefix) -> (lora_A, lora_B)."""
+    names = [k.removeprefix(PREFIX).removesuffix(".lora_A.weight") for k in tensors
+             if k.endswith(".lora_A.weight")]
+    return {n: (tensors[f"{PREFIX}{n}.lora_A.weight"], tensors[f"{PREFIX}{n}.lora_B.weight"])
+            for n in names}
+
+
+def _pair_tensors(module: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {f"{PREFIX}{module}.lora_A.weight": a, f"{PREFIX}{module}.lora_B.weight": b}
+
+
+def _fused_param(config: dict, tensors: dict, module: str) -> str | None:
+    """Which fused parameter a 3D key names: the inner wrapper is gate_up_proj when two are
+    nested, a lone wrapper is the single target parameter; None for any other module."""
+    match = _3D_EXPERTS.match(module)
+    if match is None:
+        return None
+    if match[2]:
+        return "gate_up_proj"
+    nested = f"{PREFIX}{match[1]}.base_layer.lora_A.weight" in tensors
+    targets = [t.rsplit(".", 1)[1] for t in config["target_parameters"]]
+    return "down_proj" if nested or targets == ["down_proj"] else targets[0]
+
+
+def _rank_alpha(config: dict, name: str) -> tuple[int, float]:
+    rank_key = get_pattern_key((config.get("rank_pattern") or {}).keys(), name)
+    alpha_key = get_pattern_key((config.get("alpha_pattern") or {}).keys(), name)
+    return ((config.get("rank_pattern") or {}).get(rank_key, config["r"]),
+            (config.get("alpha_pattern") or {}).get(alpha_key, config["lora_alpha"]))
+
+
+def _rank_scale(config: dict, name: str) -> tuple[int, float]:
+    rank, alpha = _rank_alpha(config, name)
+    return rank, alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+
+
+def _fold(params: dict, config: dict, tensors: dict, module: str, a, b) -> None:
+    """Add scale * B @ A of one adapter module to the transformers 5 parameter it adapts."""
+    if match := _2D_EXPERT.match(module):
+        layer, expert, proj = match[1], int(match[2]), match[3]
+        _, scale = _rank_scale(config, module)
+        gate_up = params[f"{layer}.mlp.experts.gate_up_proj"]
+        half = gate_up.shape[1] // 2
+        target = {"gate_proj": gate_up[expert, :half], "w1": gate_up[expert, :half],
+                  "up_proj": gate_up[expert, half:], "w3": gate_up[expert, half:]}.get(
+            proj, params[f"{layer}.mlp.experts.down_proj"][expert])
+        target += scale * b @ a
+    elif (param := _fused_param(config, tensors, module)) is not None:
+        name = f"{_3D_EXPERTS.match(module)[1]}.{param}"
+        rank, scale = _rank_scale(config, name)
+        a_e, b_e = unfold_3d(a, b, rank)
+        params[name] += scale * b_e @ a_e
+    else:
+        params[f"{module}.weight"] += _rank_scale(config, module)[1] * b @ a
+
+
+def _first_key(tensors: dict, *fragments: str) -> str:
+    return next(k for k in tensors if any(f in k for f in fragments))
+
+
+def _resize(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Cut or zero-pad one dimension to `size`."""
+    if size <= tensor.shape[dim]:
+        return tensor.narrow(dim, 0, size).clone()
+    pad = list(tensor.shape)
+    pad[dim] = size - tensor.shape[dim]
+    return torch.cat([tensor, torch.zeros(pad)], dim)
+
+
+def _poison(value: float):
+    def breaker(config, tensors):
+        key = _first_key(tensors, "lora_B")
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = value
+        return tensors
+    return breaker
+
+
+def _drop_expert(config, tensors):
+    """3D: one expert fewer in every fused pair; 2D: an extra expert beyond the model's."""
+    for module, (a, b) in _pairs(tensors).items():
+        param = _fused_param(config, tensors, module)
+        if param is not None:
+            a_e, b_e = unfold_3d(a, b, _rank_alpha(config, f"{_3D_EXPERTS.match(module)[1]}.{param}")[0])
+            tensors.update(_pair_tensors(module, *fold_3d(a_e[:-1], b_e[:-1])))
+        elif match := _2D_EXPERT.match(module):
+            extra = module.replace(f".experts.{match[2]}.", ".experts.64.")
+            tensors.update(_pair_tensors(extra, a, b))
+    return tensors
+
+
+def _wrong_intermediate(config, tensors):
+    key = _first_key(tensors, "experts.lora_A", "down_proj.lora_A", "w2.lora_A")
+    tensors[key] = _resize(tensors[key], 1, tensors[key].shape[1] + 4)
+    return tensors
+
+
+def _rank_too_high(config, tensors, rank: int = 64):
+    """Every pair zero-padded to rank 64 (same deltas), r = 64 in the config."""
+    for module, (a, b) in _pairs(tensors).items():
+        param = _fused_param(config, tensors, module)
+        if param is None:
+            tensors.update(_pair_tensors(module, _resize(a, 0, rank), _resize(b, 1, rank)))
+            continue
+        a_e, b_e = unfold_3d(a, b, config["r"])
+        tensors.update(_pair_tensors(module, *fold_3d(_resize(a_e, 1, rank), _resize(b_e, 2, rank))))
+    config["r"] = rank
+    return tensors
+
+
+def _add_pair(source: str, target: str):
+    def breaker(config, tensors):
+        a, b = _pairs(tensors)[next(m for m in _pairs(tensors) if m.endswith(source))]
+        tensors.update(_pair_tensors(target, a, b))
+        return tensors
+    return breaker
+
+
+def _truncate(dst_dir, weights, config_file):
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+_FILE_BREAKERS = {
+    "not_an_adapter": lambda d, w, c: c.unlink(),
+    "invalid_json": lambda d, w, c: c.write_text(c.read_text()[:-20]),
+    "no_weights": lambda d, w, c: w.unlink(),
+    "truncated_safetensors": _truncate,
+    "corrupt_safetensors": lambda d, w, c: w.write_bytes(b"\x10\x00\x00\x00" + b"not json" * 8),
+}
+_CONFIG_BREAKERS = {
+    "use_dora": lambda config: {"use_dora": True},
+    "modules_to_save": lambda config: {"modules_to_save": ["lm_head"]},
+    "bias": lambda config: {"bias": "all"},
+    "unsupported_target_parameter": lambda config: {
+        "target_parameters": [*(config.get("target_parameters") or ()), "mlp.gate.weight"]},
+    "rank_mismatch": lambda config: {"r": config["r"] * 2},
+}
+_TENSOR_BREAKERS = {
+    "nan_weights": _poison(float("nan")),
+    "inf_weights": _poison(float("inf")),
+    "missing_lora_b": lambda config, t: {k: v for k, v in t.items()
+                                         if k != _first_key(t, "lora_B")},
+    "unknown_module": _add_pair("layers.0.self_attn.q_proj", "model.layers.99.self_attn.q_proj"),
+    "non_lora_key": lambda config, t: {**t, f"{PREFIX}model.embed_tokens.lora_embedding_A":
+                                       torch.zeros(4, 512)},
+    "wrong_hidden_size": lambda config, t: {**t, (k := _first_key(t, "q_proj.lora_A")):
+                                            _resize(t[k], 1, t[k].shape[1] + 8)},
+    "wrong_num_experts": _drop_expert,
+    "wrong_intermediate_size": _wrong_intermediate,
+    "rank_too_high": _rank_too_high,
+}
