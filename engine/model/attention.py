@@ -79,7 +79,8 @@ class Attention(nn.Module):
         self.clip = config.clip_qkv
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         p = f"layers.{layer}.self_attn."
-        kw = dict(ops=ops, max_loras=max_loras, max_rank=max_rank, dtype=dtype, device=device)
+        kw = {"ops": ops, "max_loras": max_loras, "max_rank": max_rank, "dtype": dtype,
+              "device": device}
         self.qkv_proj = LoraLinear(
             config.hidden_size,
             ((p + "q_proj", q_out), (p + "k_proj", kv_out), (p + "v_proj", kv_out)),

@@ -73,7 +73,8 @@ class MoeForCausalLM(nn.Module):
         super().__init__()
         self.config, self.dtype, self.device = config, dtype, device
         self.max_loras, self.max_lora_rank = max_loras, max_rank
-        kw = dict(ops=ops, max_loras=max_loras, max_rank=max_rank, dtype=dtype, device=device)
+        kw = {"ops": ops, "max_loras": max_loras, "max_rank": max_rank, "dtype": dtype,
+              "device": device}
         self.model = DecoderModel(config, **kw)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, device)
         if config.tie_word_embeddings:

@@ -65,8 +65,8 @@ class GatedMlp(nn.Module):
                  max_loras: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()
-        kw = dict(bias=False, ops=ops, max_loras=max_loras, max_rank=max_rank, dtype=dtype,
-                  device=device)
+        kw = {"bias": False, "ops": ops, "max_loras": max_loras, "max_rank": max_rank,
+              "dtype": dtype, "device": device}
         self.inter = inter
         self.gate_up_proj = LoraLinear(
             hidden, ((prefix + "gate_proj", inter), (prefix + "up_proj", inter)), **kw)

@@ -7,7 +7,8 @@ parameters). Each parameter maps to the disk keys that compose it:
     *.gate_up_proj.weight             <- *.{gate,up}_proj.weight             (rows concatenated)
     mlp.experts.w_gate_up [E, 2I, H]  <- 2d: mlp.experts.e.{gate,up}_proj.weight [I, H] each
                                          3d: mlp.experts.gate_up_proj [E, 2I, H]
-    mlp.experts.w_down [E, H, I]      <- 2d: mlp.experts.e.down_proj.weight; 3d: mlp.experts.down_proj
+    mlp.experts.w_down [E, H, I]      <- 2d: mlp.experts.e.down_proj.weight
+                                         3d: mlp.experts.down_proj
     anything else                     <- the same name
 Mixtral's `block_sparse_moe.` and `experts.e.w1/w3/w2` are read as `mlp.` and gate/up/down.
 """
@@ -126,7 +127,7 @@ def _disk_keys(files: list[Path]) -> dict[str, Path]:
         if not file.is_file():
             raise ModelLoadError(f"checkpoint shard {file.name} is missing from {file.parent}")
         with safe_open(file, framework="pt") as f:
-            keys.update({key: file for key in f.keys()})
+            keys.update(dict.fromkeys(f.keys(), file))
     return keys
 
 
@@ -134,7 +135,7 @@ def _iter_tensors(files: list[Path], total: int) -> Iterator[tuple[str, torch.Te
     with tqdm(total=total, desc="Loading weights", unit="tensor", disable=None) as bar:
         for file in files:
             with safe_open(file, framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     yield key, f.get_tensor(key)
                     bar.update(1)
 

@@ -117,7 +117,8 @@ class SparseMoe(nn.Module):
                  max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         H, E = config.hidden_size, config.num_experts
-        kw = dict(ops=ops, max_loras=max_loras, max_rank=max_rank, dtype=dtype, device=device)
+        kw = {"ops": ops, "max_loras": max_loras, "max_rank": max_rank, "dtype": dtype,
+              "device": device}
         self.top_k, self.renormalize = config.top_k, config.norm_topk_prob
         self.gate = nn.Linear(H, E, bias=False, dtype=dtype, device=device).requires_grad_(False)
         self.experts = MoeExperts(E, H, config.moe_intermediate_size,

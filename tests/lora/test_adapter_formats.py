@@ -75,7 +75,7 @@ def test_3d_and_its_2d_split_give_equal_expert_deltas(arch, tmp_path):
     path_2d = split_3d_to_2d(path_3d, tmp_path / "2d", mixtral_names=arch == "mixtral")
     fused, split = _read(path_3d, config), _read(path_2d, config)
     assert (fused.expert_layout, split.expert_layout) == ("3d", "2d")
-    for layer in range(config.num_layers):
+    for layer in filter(config.is_moe_layer, range(config.num_layers)):
         p = f"layers.{layer}."
         gate_up = fused.weights[p + "mlp.experts.gate_up_proj"]
         gate, up = (split.weights[p + f"mlp.experts.{n}"] for n in ("gate_proj", "up_proj"))
@@ -102,11 +102,12 @@ def test_rank_alpha_patterns_and_rslora_match_peft(tmp_path):
     hf, config = tiny("qwen3_moe")
     path = make_peft_3d_adapter(
         hf, tmp_path / "a", r=4, alpha=8, use_rslora=True,
-        rank_pattern={"mlp.experts.down_proj": 2, "layers.1.self_attn.q_proj": 6},
+        # PEFT matches a regex at a dot boundary: "proj" matches nothing, [12] two layers
+        rank_pattern={"mlp.experts.down_proj": 2, r"layers\.[12]\.self_attn\.q_proj": 6, "proj": 3},
         alpha_pattern={"layers.1.mlp.experts.gate_up_proj": 3, "o_proj": 5})
     adapter = _read(path, config)
     ranks = {name: w.rank for name, w in adapter.weights.items()}
-    assert ranks["layers.0.mlp.experts.down_proj"] == 2 and ranks["layers.1.self_attn.q_proj"] == 6
+    assert ranks["layers.0.mlp.experts.down_proj"] == 2 and ranks["layers.2.self_attn.q_proj"] == 6
     assert ranks["layers.0.self_attn.q_proj"] == 4 and adapter.rank == 6
     assert_same_weights(fold_adapter(hf, adapter), peft_merged(hf, path))
 

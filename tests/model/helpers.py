@@ -33,7 +33,7 @@ class PagedSession:
                  seed: int = 0) -> None:
         layers, kv_heads, head_dim = model.kv_cache_spec()
         shape = (num_blocks, block_size, kv_heads, head_dim)
-        kw = dict(dtype=model.dtype, device=model.device)
+        kw = {"dtype": model.dtype, "device": model.device}
         model.bind_kv_cache([torch.zeros(shape, **kw) for _ in range(layers)],
                             [torch.zeros(shape, **kw) for _ in range(layers)])
         self.model, self.block_size = model, block_size

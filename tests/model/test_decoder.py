@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.model.helpers import PagedSession, load_model, reference_logits
-from tests.tiny import ARCHS, load_reference
+from tests.tiny import ARCHS, load_reference, save_tiny_checkpoint
 
 PROMPT = [5, 17, 300, 42, 8, 99, 123, 7, 64]  # 9 tokens
 DECODE = [11, 250, 3]
@@ -68,3 +68,17 @@ def test_mixed_prefill_and_decode_in_one_step(checkpoint):
     decode, prefill = session.step([(0, [9], -1), (1, PROMPT[:6], -1)])
     assert_logits_close(decode, reference_logits(reference, PROMPT + [9])[-1:])
     assert_logits_close(prefill, reference_logits(reference, PROMPT[:6]))
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("olmoe", {"clip_qkv": 0.5}),
+    ("qwen3_moe", {"decoder_sparse_step": 2, "attention_bias": True}),
+    ("qwen2_moe", {"norm_topk_prob": True, "qkv_bias": False, "tie_word_embeddings": True}),
+    ("mixtral", {"num_experts_per_tok": 3, "rope_theta": 5000.0}),
+], ids=["olmoe-clip", "qwen3-dense-bias", "qwen2-renorm-tied", "mixtral-top3"])
+def test_config_variants_match_transformers(tmp_path, arch, overrides):
+    path = save_tiny_checkpoint(arch, tmp_path, **overrides)
+    model, _ = load_model(path)
+    session = PagedSession(model)
+    logits = torch.cat([session.step([(0, PROMPT, -1)])[0], session.step([(0, [9], -1)])[0]])
+    assert_logits_close(logits, reference_logits(load_reference(path), PROMPT + [9]))

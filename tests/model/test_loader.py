@@ -127,7 +127,8 @@ def test_dummy_weights_read_no_files(checkpoint, tmp_path):
     assert load_weights(model, tmp_path / "nothing here", load_format="dummy") == "2d"
     layer = model.model.layers[0]
     assert torch.equal(layer.input_layernorm.weight, torch.ones(config.hidden_size))
-    assert torch.equal(layer.self_attn.qkv_proj.bias, torch.zeros_like(layer.self_attn.qkv_proj.bias))
+    bias = layer.self_attn.qkv_proj.bias
+    assert torch.equal(bias, torch.zeros_like(bias))
     assert 0.015 < layer.mlp.experts.w_gate_up.std() < 0.025
     assert layer.mlp.gate.weight.std() > 0.1
     logits = PagedSession(model).step([(0, PROMPT, -1)])[0]

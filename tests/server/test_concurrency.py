@@ -24,25 +24,30 @@ def requests_mix() -> list[dict]:
     return mix
 
 
+def text_of(kind: str, reply, stream: bool) -> str:
+    if not reply.choices:  # a stream's usage chunk
+        return ""
+    choice = reply.choices[0]
+    if kind == "completion":
+        return choice.text
+    return (choice.delta.content or "") if stream else choice.message.content
+
+
 async def run_one(client: openai.AsyncOpenAI, spec: dict, stream: bool):
+    """(text, first chunk time, end time) of one request."""
     common = dict(model=spec["model"], max_tokens=spec["max_tokens"], temperature=0,
                   extra_body=NO_EOS, stream=stream)
     if spec["kind"] == "chat":
         reply = await client.chat.completions.create(
             messages=[{"role": "user", "content": spec["prompt"]}], **common)
-        pick = (lambda c: c.choices[0].delta.content or "") if stream else None
-        if not stream:
-            return reply.choices[0].message.content, 0.0, 0.0
     else:
         reply = await client.completions.create(prompt=spec["prompt"], **common)
-        pick = lambda c: c.choices[0].text  # noqa: E731
-        if not stream:
-            return reply.choices[0].text, 0.0, 0.0
+    if not stream:
+        return text_of(spec["kind"], reply, stream), 0.0, 0.0
     parts, first = [], None
     async for chunk in reply:
         first = first or time.monotonic()
-        if chunk.choices:
-            parts.append(pick(chunk))
+        parts.append(text_of(spec["kind"], chunk, stream))
     return "".join(parts), first, time.monotonic()
 
 
