@@ -41,6 +41,7 @@ def graph_time_us(op: Callable[[], object]) -> float:
     """Cold-L2 time of one call of op in microseconds (op must be graph-capturable)."""
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # inputs were made on the default stream
     with torch.cuda.stream(stream):
         op()  # compile and warm up outside the capture
     torch.cuda.synchronize()

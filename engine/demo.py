@@ -83,8 +83,8 @@ def ensure_demo(home: Path | None = None) -> Demo:
     home.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=home.parent))
     _write_model(tmp / "model")
-    _write_adapter(tmp / "adapter-2d", layout="2d", seed=2)
-    _write_adapter(tmp / "adapter-3d", layout="3d", seed=3)
+    write_random_adapter(tmp / "adapter-2d", _MODEL, layout="2d", seed=2)
+    write_random_adapter(tmp / "adapter-3d", _MODEL, layout="3d", seed=3)
     (tmp / "COMPLETE").write_text(DEMO_VERSION)
     if home.exists():
         shutil.rmtree(home)
@@ -130,11 +130,13 @@ def _write_tokenizer(path: Path) -> None:
     fast.save_pretrained(path)
 
 
-def _write_adapter(path: Path, layout: str, seed: int, rank: int = 8, alpha: int = 16) -> None:
-    """A PEFT adapter directory on attention and experts, in the 2D or the 3D file layout."""
+def write_random_adapter(path: Path, c: dict, layout: str, seed: int, rank: int = 8,
+                         alpha: int = 16) -> None:
+    """A random PEFT adapter directory for the model of config.json dict `c`, on attention and
+    experts, in the 2D (per-expert) or the 3D (target_parameters) file layout."""
     g = torch.Generator().manual_seed(seed)
-    c = _MODEL
-    H, E, I = c["hidden_size"], c["num_experts"], c["moe_intermediate_size"]
+    H, I = c["hidden_size"], c["moe_intermediate_size"]
+    E = c.get("num_experts") or c["num_local_experts"]
     q_out, kv_out = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
 
     def lora(d_in: int, d_out: int, r: int = rank) -> tuple[torch.Tensor, torch.Tensor]:

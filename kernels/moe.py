@@ -80,17 +80,15 @@ def _moe_gemm_kernel(
 
 
 def gemm_config(num_tokens: int, n_out: int) -> dict:
-    """Block sizes by batch (bf16, H100): small batches are GEMV-like, wide N tiles later."""
+    """Block sizes by batch, the best of a sweep on an H100 (bf16, Qwen3-30B-A3B layer)."""
     if num_tokens <= 32:
-        block_m, block_n, block_k = 16, 64, 128
-    elif num_tokens <= 96:
-        block_m, block_n, block_k = 32, 64, 128
+        block_m, block_n, block_k, stages = 16, 32, 256, 4
     elif num_tokens <= 512:
-        block_m, block_n, block_k = 64, 64, 64
+        block_m, block_n, block_k, stages = 32, 64, 128, 3
     else:
-        block_m, block_n, block_k = 64, 128, 64
+        block_m, block_n, block_k, stages = 64, 64, 64, 3
     return dict(BLOCK_M=block_m, BLOCK_N=dot_width(n_out, block_n), BLOCK_K=block_k,
-                num_warps=4, num_stages=3)
+                num_warps=4, num_stages=stages)
 
 
 def moe_gemm(

@@ -3,7 +3,7 @@
 Key forms (after the PEFT prefix `base_model.model.` and the model's own `model.`):
   dense       layers.L.self_attn.q_proj.lora_A.weight             -> layers.L.self_attn.q_proj
   2D expert   layers.L.mlp.experts.e.gate_proj.lora_A.weight       -> layers.L.mlp.experts.gate_proj
-              layers.L.block_sparse_moe.experts.e.w1.lora_A.weight    (Mixtral: w1 gate, w3 up, w2 down)
+              layers.L.block_sparse_moe.experts.e.w1.lora_A.weight (Mixtral: w1/w3/w2 gate/up/down)
   3D named    layers.L.mlp.experts.gate_up_proj.lora_A.weight      (Megatron-bridge exporters)
   3D by depth layers.L.mlp.experts(.base_layer)*.lora_A.weight     (PEFT target_parameters: one
               nested wrapper per targeted parameter, so the key names a depth, not a parameter)
@@ -44,7 +44,6 @@ _EXPERTS = re.compile(r"^(?P<layer>layers\.\d+)\.(?:mlp|block_sparse_moe)\.exper
 _EXPERT_PROJ = re.compile(r"^\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)$")
 _FUSED_PROJ = re.compile(r"^\.(?P<proj>gate_up_proj|down_proj)$")
 
-# The config.json field behind each dimension of a target, for error messages: (D_in, D_out).
 _UNSUPPORTED_OPTIONS = {
     "use_dora": "DoRA (use_dora)",
     "lora_bias": "LoRA bias terms (lora_bias)",
@@ -52,6 +51,7 @@ _UNSUPPORTED_OPTIONS = {
     "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
 }
+# The config.json field behind each dimension of a target, for error messages: (D_in, D_out).
 _DIM_NAMES = {
     "self_attn.q_proj": ("hidden_size", "num_attention_heads*head_dim"),
     "self_attn.k_proj": ("hidden_size", "num_key_value_heads*head_dim"),
@@ -80,7 +80,6 @@ class LoraKey:
                (model.layers.L.mlp.experts.3.w1); "positional" keys get `.param` appended later
     """
 
-    key: str
     kind: KeyKind
     module: str
     part: str  # "A" or "B"
@@ -104,17 +103,17 @@ def parse_key(key: str) -> LoraKey:
     rest = in_layers["rest"] if in_layers else clean.removeprefix("model.")
     experts = _EXPERTS.match(rest)
     if experts is None:
-        return LoraKey(key, "dense", rest, part, clean)
+        return LoraKey("dense", rest, part, clean)
     layer, tail = experts["layer"], experts["tail"] or ""
     if not tail:
-        return LoraKey(key, "positional", f"{layer}.mlp.experts", part, clean, depth=depth)
+        return LoraKey("positional", f"{layer}.mlp.experts", part, clean, depth=depth)
     if proj := _EXPERT_PROJ.match(tail):
         name = _MIXTRAL_PROJ.get(proj["proj"], proj["proj"])
-        return LoraKey(key, "expert", f"{layer}.mlp.experts.{name}", part, clean,
+        return LoraKey("expert", f"{layer}.mlp.experts.{name}", part, clean,
                        expert=int(proj["e"]))
     if proj := _FUSED_PROJ.match(tail):
-        return LoraKey(key, "fused", f"{layer}.mlp.experts.{proj['proj']}", part, clean)
-    return LoraKey(key, "dense", rest, part, clean)
+        return LoraKey("fused", f"{layer}.mlp.experts.{proj['proj']}", part, clean)
+    return LoraKey("dense", rest, part, clean)
 
 
 def fused_targets(target_parameters: list[str] | None) -> tuple[str, ...]:
@@ -237,7 +236,8 @@ class LoraHyper:
 
     @classmethod
     def from_config(cls, config: dict) -> LoraHyper:
-        rank_pattern, alpha_pattern = _patterns(config, "rank_pattern"), _patterns(config, "alpha_pattern")
+        rank_pattern = _patterns(config, "rank_pattern")
+        alpha_pattern = _patterns(config, "alpha_pattern")
         ranks = [config.get("r"), *rank_pattern.values()]
         if not all(isinstance(r, int) and r > 0 for r in ranks):
             raise AdapterLoadError(f"adapter_config.json: r and rank_pattern values must be "
@@ -259,7 +259,7 @@ class LoraHyper:
 def _patterns(config: dict, name: str) -> dict:
     patterns = config.get(name) or {}
     if not isinstance(patterns, dict):
-        raise AdapterLoadError(f"adapter_config.json: {name} must be an object, found {patterns!r}")
+        raise AdapterLoadError(f"adapter_config.json: {name} must be an object: {patterns!r}")
     return patterns
 
 
@@ -286,7 +286,7 @@ def pair_up(tensors: dict[str, torch.Tensor], source: str) -> list[LoraPair]:
     for key, tensor in tensors.items():
         parsed = parse_key(key)
         if tensor.dim() != 2:
-            raise AdapterLoadError(f"{key} has shape {list(tensor.shape)}; LoRA weights are matrices")
+            raise AdapterLoadError(f"{key} has shape {list(tensor.shape)}: not a matrix")
         pair = pairs.setdefault((parsed.kind, parsed.module, parsed.expert, parsed.depth),
                                 LoraPair(parsed))
         if parsed.part in pair.names:

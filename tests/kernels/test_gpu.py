@@ -40,11 +40,12 @@ def _bf16(args, lora):
 @pytest.mark.parametrize("num_tokens", [1, 16, 64, 300])
 @pytest.mark.parametrize("rank", [8, 16, 64])
 def test_fused_experts_bf16(rank, num_tokens, gen):
-    cuda_gen = torch.Generator(device="cuda").manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
+    cuda_gen = torch.Generator(device="cuda").manual_seed(rank * 1000 + num_tokens)
     args, lora = _moe(cuda_gen, num_tokens, 1024, 32, 8, 384, 8, rank)
     meta = LoraMeta.build(token_slots("with_base", num_tokens, 8, gen), 8, torch.device("cuda"))
     ref = reference.fused_experts(*args, lora, meta)
-    out = triton_ops.fused_experts(*_bf16(args, lora), meta)
+    bf16_args, bf16_lora = _bf16(args, lora)
+    out = triton_ops.fused_experts(*bf16_args, bf16_lora, meta)
     assert torch.isfinite(out).all() and rel_err(out, ref) <= BF16_TOL
 
 
@@ -54,7 +55,8 @@ def test_fused_experts_qwen3_30b_shape(num_tokens, gen):
     args, lora = _moe(cuda_gen, num_tokens, 2048, 128, 8, 768, 16, 16)
     meta = LoraMeta.build(token_slots("zipf", num_tokens, 16, gen), 16, torch.device("cuda"))
     ref = reference.fused_experts(*args, lora, meta)
-    out = triton_ops.fused_experts(*_bf16(args, lora), meta)
+    bf16_args, bf16_lora = _bf16(args, lora)
+    out = triton_ops.fused_experts(*bf16_args, bf16_lora, meta)
     assert torch.isfinite(out).all() and rel_err(out, ref) <= BF16_TOL
 
 
@@ -91,6 +93,7 @@ def test_cuda_graph_replays_a_new_adapter_mix(gen):
         return triton_ops.fused_experts(*args, lora, meta)
 
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         step()  # compile outside the capture
     torch.cuda.synchronize()

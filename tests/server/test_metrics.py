@@ -95,3 +95,19 @@ def test_aborted_stream_frees_its_request_and_kv_blocks(server):
     assert freed(after), {k: v for k, v in after.items() if k[0].startswith("vllm:")}
     assert value(after, "loramux_requests_total", adapter="demo-3d", finish_reason="length") \
         == value(before, "loramux_requests_total", adapter="demo-3d", finish_reason="length")
+
+
+def test_abandoned_non_streaming_request_is_aborted(server):
+    before = value(scrape(server), "loramux_request_aborts_total", adapter="demo")
+    body = {"model": "demo", "prompt": "the model", "max_tokens": 1500, "ignore_eos": True}
+    try:
+        httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers,
+                   timeout=0.5)
+        raise AssertionError("1500 tokens should take longer than the 0.5 s client timeout")
+    except httpx.ReadTimeout:
+        pass
+    after = wait_for(server, lambda s: value(s, "loramux_request_aborts_total", adapter="demo")
+                     == before + 1, timeout=5.0)
+    assert value(after, "loramux_request_aborts_total", adapter="demo") == before + 1
+    assert value(after, "vllm:num_requests_running") == 0
+    assert value(after, "vllm:kv_cache_usage_perc") == 0

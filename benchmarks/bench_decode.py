@@ -1,0 +1,95 @@
+"""Offline decode throughput of a Qwen3-30B-A3B-shaped model with dummy weights.
+
+    python benchmarks/bench_decode.py --layers 12 --concurrency 1 16 64 [--lora]
+
+Builds config.json for the real architecture (hidden 2048, 128 experts, top-8, expert
+intermediate 768, 32 query / 4 KV heads of 128, vocab 151936) with fewer layers, loads random
+weights (--load-format dummy), submits N requests with 128-token random prompts and
+--max-tokens output tokens each (ignore_eos), and reports decode tokens/s: tokens generated
+after every request has its first token, over the time that took. With --lora the requests
+cycle over base, a random 2D adapter and a random 3D adapter (rank 16, attention + experts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from engine import LLM, LoRARequest, SamplingParams
+from engine.demo import write_random_adapter
+
+QWEN3_30B_A3B = dict(
+    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
+    hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+    norm_topk_prob=True, rms_norm_eps=1e-6, max_position_embeddings=40960, rope_theta=1e6,
+    tie_word_embeddings=False, dtype="bfloat16", eos_token_id=151645,
+)
+
+
+def run(llm: LLM, concurrency: int, max_tokens: int, loras: list) -> dict:
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    core = llm.core
+    for i in range(concurrency):
+        prompt = [rng.randrange(1000, 100000) for _ in range(128)]
+        core.add_request(f"r{concurrency}-{i}", prompt, params, loras[i % len(loras)])
+    started = set()
+    while len(started) < concurrency:
+        started |= {o.request_id for o in core.step() if o.outputs[0].token_ids}
+    torch.cuda.synchronize()
+    generated_before = sum(len(s.output) for r in core.requests.values() for s in r.seqs)
+    t0, steps = time.perf_counter(), 0
+    while core.has_work():
+        core.step()
+        steps += 1
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    tokens = concurrency * max_tokens - generated_before
+    return {"concurrency": concurrency, "decode_tokens": tokens, "seconds": round(elapsed, 3),
+            "tokens_per_s": round(tokens / elapsed, 1), "ms_per_step": round(1e3 * elapsed / steps,
+                                                                              2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp())
+    config = {**QWEN3_30B_A3B, "num_hidden_layers": args.layers}
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text(json.dumps(config))
+    loras: list = [None]
+    if args.lora:
+        for i, layout in enumerate(("2d", "3d")):
+            write_random_adapter(root / layout, config, layout=layout, seed=i, rank=16, alpha=32)
+            loras.append(LoRARequest(f"bench-{layout}", i + 1, str(root / layout)))
+    llm = LLM(str(root / "model"), load_format="dummy", dtype="bfloat16",
+              kernel_backend=args.kernel_backend, max_num_seqs=max(args.concurrency),
+              max_num_batched_tokens=8192, max_model_len=4096,
+              **({"max_loras": 4, "max_lora_rank": 16, "enable_mixed_moe_lora_format": True}
+                 if args.lora else {}))
+    run(llm, 2, 4, loras)  # warm-up: compile kernels, fill caches
+    results = [run(llm, c, args.max_tokens, loras) for c in args.concurrency]
+    summary = {"gpu": torch.cuda.get_device_name(), "layers": args.layers, "lora": args.lora,
+               "kernel_backend": args.kernel_backend, "results": results}
+    text = json.dumps(summary, indent=1)
+    if args.out:
+        args.out.write_text(text)
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
