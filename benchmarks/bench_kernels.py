@@ -23,7 +23,7 @@ from benchmarks._timing import eager_time_us, graph_time_us, roofline_us  # noqa
 from kernels import LoraMeta, MoeLora, reference, triton_ops  # noqa: E402
 from kernels.moe import gemm_config, moe_gemm  # noqa: E402
 from kernels.moe_align import moe_align  # noqa: E402
-from kernels.moe_lora import moe_lora_delta  # noqa: E402
+from kernels.moe_lora import lora_config, moe_lora_delta  # noqa: E402
 
 DEVICE = "cuda"
 MOE_SHAPES = {"qwen3-30b-a3b": (2048, 128, 8, 768), "qwen3-235b-a22b": (4096, 128, 8, 1536)}
@@ -141,6 +141,48 @@ def sweep_case(num_tokens, candidates):
     return rows
 
 
+LORA_SWEEP = [  # (naive, BLOCK_N, N_SPLIT scale, num_warps, num_stages)
+    (None, 64, 1, 4, 2), (None, 32, 2, 4, 2), (None, 128, 1, 4, 2), (None, 64, 1, 8, 3),
+    (None, 64, 0.5, 4, 2), (None, 64, 2, 4, 3), (True, 64, 1, 4, 2), (False, 64, 1, 4, 2),
+]
+
+
+def lora_sweep_case(num_tokens, adapters=16, rank=16):
+    """Time the MoE-LoRA gate_up + down kernels under several launch shapes."""
+    hidden, experts, top_k, inter = MOE_SHAPES["qwen3-30b-a3b"]
+    x = _randn(num_tokens, hidden)
+    weights, ids = routing(num_tokens, experts, top_k)
+    a_gu = _randn(adapters, experts, 2 * rank, hidden, fan_in=hidden)
+    b_gu = _randn(adapters, experts, 2 * inter, rank, fan_in=rank)
+    a_d = _randn(adapters, experts, rank, inter, fan_in=inter)
+    b_d = _randn(adapters, experts, hidden, rank, fan_in=rank)
+    up_block = torch.ones(adapters, dtype=torch.int32, device=DEVICE)
+    act = _randn(num_tokens * top_k, inter)
+    slots = LoraMeta.build(segment_slots(num_tokens, adapters), adapters, torch.device(DEVICE))
+    block_m = gemm_config(num_tokens, inter)["BLOCK_M"]
+    align = moe_align(ids, experts, block_m) if num_tokens * top_k * 4 > experts else None
+    pairs, rows = num_tokens * top_k, []
+    for naive, block_n, scale, warps, stages in LORA_SWEEP:
+        naive = (align is None or pairs <= 256) if naive is None else naive
+        if not naive and align is None:
+            continue
+        cfgs = []
+        for n_half in (inter, hidden):
+            cfg = lora_config(x, pairs, adapters * experts, n_half, naive)
+            split = max(1, round(cfg["N_SPLIT"] * scale * 64 / block_n))
+            cfgs.append({**cfg, "BLOCK_N": block_n, "N_SPLIT": split, "num_warps": warps,
+                         "num_stages": stages})
+
+        def op():
+            moe_lora_delta(x, a_gu, b_gu, up_block, ids, slots.token_slot, align, cfgs[0])
+            moe_lora_delta(act, a_d, b_d, None, ids, slots.token_slot, align, cfgs[1])
+
+        rows.append(dict(op="lora_sweep", tokens=num_tokens, config=[naive, block_n, scale,
+                         warps, stages, cfgs[0]["N_SPLIT"], cfgs[1]["N_SPLIT"]],
+                         us=graph_time_us(op)))
+    return rows
+
+
 def fmt(row):
     if row["op"] == "moe":
         twin = f"{row['twin_us']:.0f}" if "twin_us" in row else "-"
@@ -152,6 +194,8 @@ def fmt(row):
         twin = f"{row['twin_us']:.0f}" if "twin_us" in row else "-"
         return (f"| {row['hidden']} | {row['tokens']} | {row['adapters']} | {row['rank']} "
                 f"| {row['us']:.1f} ({row['roof_us'] / row['us']:.0%}) | {twin} |")
+    if row["op"] == "lora_sweep":
+        return f"| lora sweep | {row['tokens']} | {row['config']} | {row['us']:.1f} |"
     return (f"| sweep | {row['tokens']} | {row['config']} | gate_up {row['gate_up_us']:.1f} "
             f"| down {row['down_us']:.1f} |")
 
@@ -167,6 +211,9 @@ def main() -> None:
         for num_tokens, candidates in SWEEP.items():
             rows += sweep_case(num_tokens, candidates)
             print(*map(fmt, rows[-len(candidates):]), sep="\n", flush=True)
+        for num_tokens in (1, 16, 64, 256):
+            rows += lora_sweep_case(num_tokens)
+            print(*map(fmt, rows[-len(LORA_SWEEP):]), sep="\n", flush=True)
     for case in MOE_CASES:
         rows.append(moe_case(*case))
         print(fmt(rows[-1]), flush=True)

@@ -39,6 +39,18 @@ def _first(raw: dict, *names: str, default=None):
     return default
 
 
+def _refuse_unsupported(raw: dict, rope: dict) -> None:
+    """Features our attention does not implement: refuse rather than serve wrong outputs."""
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type != "default":
+        raise ModelLoadError(f"rope_type {rope_type!r} is not supported (only 'default')")
+    window = raw.get("sliding_window")
+    uses_window = raw.get("use_sliding_window", raw.get("model_type") == "mixtral")
+    if window and uses_window:
+        raise ModelLoadError(f"sliding-window attention (sliding_window={window}) is not "
+                             "supported; set sliding_window to null to serve full attention")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything the engine needs from a Hugging Face config.json, both spellings accepted."""
@@ -78,6 +90,7 @@ class ModelConfig:
                 f"loramux supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        _refuse_unsupported(raw, rope)
         heads = raw["num_attention_heads"]
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))

@@ -133,6 +133,16 @@ def _moe_lora_kernel(
 NAIVE_MAX_PAIRS = 256  # up to here one program per pair reads about as much as per (slot, expert)
 
 
+def lora_config(x: torch.Tensor, num_pairs: int, groups: int, n_half: int, naive: bool) -> dict:
+    """Launch shape: N split so that the busy programs (pairs or (slot, expert) groups) fill
+    twice the multiprocessors; each split redoes the shrink from L2."""
+    block_n = dot_width(n_half, 64)
+    busy = num_pairs if naive else min(num_pairs, groups)
+    return dict(NAIVE=naive, N_SPLIT=split_count(busy, cdiv(n_half, block_n), x.device),
+                BLOCK_M=16 if naive or num_pairs <= 2048 else 32, BLOCK_N=block_n,
+                num_warps=4, num_stages=2)
+
+
 def moe_lora_delta(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -141,6 +151,7 @@ def moe_lora_delta(
     topk_ids: torch.Tensor,
     token_slot: torch.Tensor,
     routing: MoeAlignment | None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """LoRA delta of every (token, k) pair whose token has a slot, for one expert projection.
 
@@ -154,6 +165,7 @@ def moe_lora_delta(
     Args:
         x: activations, rows contiguous; a: [S, E, n*R, D_in]; b: [S, E, D_out, R] contiguous
         routing: the base MoeAlignment (aligned mode) or None (naive mode)
+        config: launch shape override (benchmarks); default lora_config(...)
     Returns:
         [T*K, D_out] fp32
     """
@@ -165,25 +177,22 @@ def moe_lora_delta(
     num_pairs, top_k = topk_ids.numel(), topk_ids.shape[1]
     n_half = b.shape[2] // 2 if gate_up else b.shape[2]
     delta = torch.empty(num_pairs, b.shape[2], dtype=torch.float32, device=x.device)
-    naive = routing is None or num_pairs <= NAIVE_MAX_PAIRS
-    block_m = 16 if naive or num_pairs <= 2048 else 32
-    block_n = dot_width(n_half, 64)
-    busy = num_pairs if naive else min(num_pairs, num_experts * num_slots)
-    n_split = split_count(busy, cdiv(n_half, block_n), x.device)
-    if naive:
-        grid = (n_split, num_pairs)
+    if config is None:
+        naive = routing is None or num_pairs <= NAIVE_MAX_PAIRS
+        config = lora_config(x, num_pairs, num_slots * num_experts, n_half, naive)
+    assert config["NAIVE"] or routing is not None, "aligned mode needs the base alignment"
+    if config["NAIVE"]:
+        grid = (config["N_SPLIT"], num_pairs)
         sorted_ids = offsets = topk_ids
     else:
-        grid = (n_split, num_experts, num_slots)
+        grid = (config["N_SPLIT"], num_experts, num_slots)
         sorted_ids, offsets = routing.sorted_ids, routing.expert_offsets
     _moe_lora_kernel[grid](
         delta, x, a, b, up_block if gate_up else topk_ids, topk_ids, token_slot,
         sorted_ids, offsets,
         num_pairs, k_in, n_half, rank,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), x.stride(0),
-        TOP_K=top_k, X_ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up, NAIVE=naive,
-        N_SPLIT=n_split, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=dot_width(k_in, 128), BLOCK_R=dot_width(rank, 128),
-        num_warps=4, num_stages=2,
+        TOP_K=top_k, X_ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up,
+        BLOCK_K=dot_width(k_in, 128), BLOCK_R=dot_width(rank, 128), **config,
     )
     return delta

@@ -1,9 +1,10 @@
-"""create_app(engine, settings) -> FastAPI: state, error handlers and routers, nothing else.
-
-The engine's lifecycle (build, start, static adapters, shutdown) belongs to server.launch.
-"""
+"""create_app(engine, settings) -> FastAPI: state, error handlers, routers, and a lifespan
+that runs the engine's step loop while the app serves."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -16,8 +17,18 @@ from server.settings import Settings
 from server.state import ServerState
 
 
+@asynccontextmanager
+async def _engine_loop(app: FastAPI) -> AsyncIterator[None]:
+    engine = app.state.server.engine
+    engine.start()
+    try:
+        yield
+    finally:
+        engine.shutdown()
+
+
 def create_app(engine, settings: Settings) -> FastAPI:
-    app = FastAPI(title="loramux", version=__version__)
+    app = FastAPI(title="loramux", version=__version__, lifespan=_engine_loop)
     app.state.server = ServerState(engine=engine, settings=settings,
                                    models=ModelRegistry(engine, settings),
                                    metrics=ServerMetrics(engine))

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from engine.demo import ensure_demo
+from server.launch import run
 from server.settings import (
     API_KEY_ENV, DEMO_SERVED_NAME, RUNTIME_LORA_ENV, LoraModule, Settings, SettingsError,
     env_flag, parse_lora_module,
@@ -108,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="start the OpenAI-compatible server",
         description="Start the OpenAI-compatible server. Without MODEL, serve the built-in "
                     "tiny demo model with its 2D and 3D demo adapters.")
-    serve.error = parser.error  # type: ignore[method-assign]
     serve.add_argument("model", nargs="?", default=None, metavar="MODEL",
                        help="Hugging Face checkpoint directory (default: the built-in demo)")
     _add_server_flags(serve)
@@ -119,8 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _demo_overrides(args: argparse.Namespace) -> dict:
     """The demo base is 2D-native and ships a 3D adapter: LoRA and mixed format go on."""
-    from engine.demo import ensure_demo
-
     demo = ensure_demo()
     demo_modules = [LoraModule(name, str(path))
                     for name, path in sorted(demo.adapters.items())]
@@ -161,6 +160,4 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
     except SettingsError as exc:
         sys.exit(f"loramux: error: {exc}")
-    from server.launch import run
-
     return run(settings)

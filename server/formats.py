@@ -138,3 +138,6 @@ class ChatFormatter(_Formatter):
                    for c in out.outputs]
         return ChatCompletionResponse(id=self.id, model=self.model, choices=choices,
                                       usage=usage_of(out))
+
+
+Formatter = ChatFormatter | CompletionFormatter

@@ -1,7 +1,8 @@
-"""Process lifecycle: build the engine (slow), start its loop, load --lora-modules, serve.
+"""Process lifecycle: build the engine (slow), load --lora-modules, then serve.
 
 Static adapters load on the serving event loop before uvicorn binds the port, so a bad one
-stops start-up with one line and a non-zero exit instead of a half-working server.
+stops start-up with one line and a non-zero exit instead of a half-working server. The app's
+lifespan starts the engine loop and stops it once uvicorn has drained its connections.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import logging
 import sys
 
 import uvicorn
+from fastapi import FastAPI
 
+from engine import Engine
 from engine.errors import EngineError
 from server.app import create_app
 from server.settings import Settings, SettingsError
@@ -24,32 +27,30 @@ def _configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _build_engine(settings: Settings):
-    from engine import Engine
-
+def _build_engine(settings: Settings) -> Engine:
     try:
         return Engine(settings.to_engine_config())
     except (EngineError, SettingsError, ValueError, OSError) as exc:
         sys.exit(f"loramux: error: cannot load model {settings.model}: {exc}")
 
 
-async def _serve(settings: Settings, engine) -> None:
-    app = create_app(engine, settings)
-    engine.start()
-    try:
-        for module in settings.lora_modules:
-            try:
-                await app.state.server.models.load_static(module)
-            except EngineError as exc:
-                sys.exit(f"loramux: error: adapter {module.name!r} ({module.path}) failed to "
-                         f"load: {exc}")
-        config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                                log_level=settings.log_level, timeout_graceful_shutdown=5)
-        logger.info("serving %s on http://%s:%d", settings.base_name, settings.host,
-                    settings.port)
-        await uvicorn.Server(config).serve()
-    finally:
-        engine.shutdown()
+async def _load_static_adapters(settings: Settings, app: FastAPI) -> None:
+    for module in settings.lora_modules:
+        try:
+            await app.state.server.models.load_static(module)
+        except EngineError as exc:
+            app.state.server.engine.shutdown()
+            sys.exit(f"loramux: error: adapter {module.name!r} ({module.path}) failed to "
+                     f"load: {exc}")
+
+
+async def _serve(settings: Settings, engine: Engine) -> None:
+    app = create_app(engine, settings)  # its lifespan starts and stops the engine loop
+    await _load_static_adapters(settings, app)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level, timeout_graceful_shutdown=5)
+    logger.info("serving %s on http://%s:%d", settings.base_name, settings.host, settings.port)
+    await uvicorn.Server(config).serve()
 
 
 def run(settings: Settings) -> int:

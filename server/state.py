@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -13,10 +14,13 @@ from server.metrics import ServerMetrics
 from server.registry import ModelRegistry
 from server.settings import Settings
 
+if TYPE_CHECKING:
+    from engine import Engine
+
 
 @dataclass(frozen=True)
 class ServerState:
-    engine: object
+    engine: Engine
     settings: Settings
     models: ModelRegistry
     metrics: ServerMetrics

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from engine.errors import EngineError
 from server.errors import engine_status, error_body
+from server.formats import Formatter
 from server.generation import Generation
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def sse(chunk: BaseModel | dict) -> str:
     return f"data: {body}\n\n"
 
 
-async def sse_frames(generation: Generation, formatter, n: int,
+async def sse_frames(generation: Generation, formatter: Formatter, n: int,
                      include_usage: bool) -> AsyncIterator[str]:
     for chunk in formatter.opening(n):
         yield sse(chunk)
@@ -51,7 +52,7 @@ async def sse_frames(generation: Generation, formatter, n: int,
     yield DONE
 
 
-def sse_response(generation: Generation, formatter, n: int,
+def sse_response(generation: Generation, formatter: Formatter, n: int,
                  include_usage: bool) -> StreamingResponse:
     return StreamingResponse(sse_frames(generation, formatter, n, include_usage),
                              media_type="text/event-stream",

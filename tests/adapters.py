@@ -85,21 +85,21 @@ def split_3d_to_2d(src_dir, dst_dir, *, mixtral_names: bool = False) -> Path:
     moe = "block_sparse_moe" if mixtral_names else "mlp"
     out, patterns = {}, {"rank_pattern": {}, "alpha_pattern": {}}
     for module, (a, b) in _pairs(tensors).items():
-        param = _fused_param(config, tensors, module)
-        if param is None:
+        name = _fused_name(config, module)
+        if name is None:
             out.update(_pair_tensors(module, a, b))
             continue
-        rank, alpha = _rank_alpha(config, f"{_3D_EXPERTS.match(module)[1]}.{param}")
+        rank, alpha = _rank_alpha(config, name)
         a_e, b_e = unfold_3d(a, b, rank)
         layer = module.split(".mlp.")[0]
         split = {gate: (0, b.shape[0] // 2), up: (b.shape[0] // 2, b.shape[0])} \
-            if param == "gate_up_proj" else {down: (0, b.shape[0])}
+            if name.endswith("gate_up_proj") else {down: (0, b.shape[0])}
         for e in range(a_e.shape[0]):
             for proj, (lo, hi) in split.items():
-                name = f"{layer}.{moe}.experts.{e}.{proj}"
-                out.update(_pair_tensors(name, a_e[e], b_e[e, lo:hi]))
-                patterns["rank_pattern"][re.escape(name)] = rank
-                patterns["alpha_pattern"][re.escape(name)] = alpha
+                expert = f"{layer}.{moe}.experts.{e}.{proj}"
+                out.update(_pair_tensors(expert, a_e[e], b_e[e, lo:hi]))
+                patterns["rank_pattern"][re.escape(expert)] = rank
+                patterns["alpha_pattern"][re.escape(expert)] = alpha
     targets = sorted(set(config.get("target_modules") or ()) | {gate, up, down})
     for field in patterns:  # explicit names first: PEFT takes the first pattern that matches
         patterns[field].update(config.get(field) or {})
@@ -117,7 +117,7 @@ def merged_reference(hf_model, adapter_dir):
     params = dict(model.named_parameters())
     with torch.no_grad():
         for module, (a, b) in _pairs(tensors).items():
-            _fold(params, config, tensors, module, a, b)
+            _fold(params, config, module, a, b)
     return model
 
 
@@ -132,7 +132,8 @@ def read_adapter_files(adapter_dir) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def unfold_3d(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [E*r, in] (expert-major rows), B [out, r*E] (rank-major columns) -> [E, r, in], [E, out, r]."""
+    """A [E*r, in] (rows expert-major), B [out, r*E] (columns rank-major) -> a [E, r, in],
+    b [E, out, r]: FORMATS.md 2.2."""
     num_experts = a.shape[0] // rank
     return (a.reshape(num_experts, rank, -1),
             b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1))
@@ -151,10 +152,9 @@ def write_transposed_vintage(src_dir, dst_dir, peft_version: str = "0.18.0") -> 
     config, tensors = read_adapter_files(src_dir)
     out = {}
     for module, (a, b) in _pairs(tensors).items():
-        param = _fused_param(config, tensors, module)
-        if param is not None:
-            rank, _ = _rank_alpha(config, f"{_3D_EXPERTS.match(module)[1]}.{param}")
-            a_e, b_e = unfold_3d(a, b, rank)
+        name = _fused_name(config, module)
+        if name is not None:
+            a_e, b_e = unfold_3d(a, b, _rank_alpha(config, name)[0])
             a, b = fold_3d(b_e.transpose(1, 2), a_e.transpose(1, 2))
         out.update(_pair_tensors(module, a, b))
     return _write(dst_dir, {**config, "peft_version": peft_version}, out)
@@ -174,9 +174,8 @@ def write_bad_adapter(kind: str, good_dir, dst_dir) -> Path:
     """A copy of a good adapter (2D or 3D) broken in one way, `kind` from BAD_KINDS."""
     dst_dir = Path(dst_dir)
     shutil.copytree(good_dir, dst_dir)
-    weights, config_file = dst_dir / "adapter_model.safetensors", dst_dir / "adapter_config.json"
     if kind in _FILE_BREAKERS:
-        _FILE_BREAKERS[kind](dst_dir, weights, config_file)
+        _FILE_BREAKERS[kind](dst_dir / "adapter_model.safetensors", dst_dir / "adapter_config.json")
         return dst_dir
     config, tensors = read_adapter_files(dst_dir)
     if kind in _CONFIG_BREAKERS:
@@ -237,17 +236,20 @@ def _pair_tensors(module: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, to
     return {f"{PREFIX}{module}.lora_A.weight": a, f"{PREFIX}{module}.lora_B.weight": b}
 
 
-def _fused_param(config: dict, tensors: dict, module: str) -> str | None:
-    """Which fused parameter a 3D key names: the inner wrapper is gate_up_proj when two are
-    nested, a lone wrapper is the single target parameter; None for any other module."""
+def _fused_param(config: dict, module: str) -> str | None:
+    """Which fused parameter a 3D key names (None for any other module): the inner of two nested
+    wrappers is gate_up_proj, the outer down_proj; a lone wrapper is the one target parameter."""
     match = _3D_EXPERTS.match(module)
     if match is None:
         return None
-    if match[2]:
-        return "gate_up_proj"
-    nested = f"{PREFIX}{match[1]}.base_layer.lora_A.weight" in tensors
     targets = [t.rsplit(".", 1)[1] for t in config["target_parameters"]]
-    return "down_proj" if nested or targets == ["down_proj"] else targets[0]
+    return "gate_up_proj" if match[2] or targets == ["gate_up_proj"] else "down_proj"
+
+
+def _fused_name(config: dict, module: str) -> str | None:
+    """The PEFT name of a 3D key's parameter (model.layers.L.mlp.experts.gate_up_proj), or None."""
+    param = _fused_param(config, module)
+    return None if param is None else f"{_3D_EXPERTS.match(module)[1]}.{param}"
 
 
 def _rank_alpha(config: dict, name: str) -> tuple[int, float]:
@@ -262,19 +264,20 @@ def _rank_scale(config: dict, name: str) -> tuple[int, float]:
     return rank, alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
 
 
-def _fold(params: dict, config: dict, tensors: dict, module: str, a, b) -> None:
+def _fold(params: dict, config: dict, module: str, a, b) -> None:
     """Add scale * B @ A of one adapter module to the transformers 5 parameter it adapts."""
     if match := _2D_EXPERT.match(module):
         layer, expert, proj = match[1], int(match[2]), match[3]
         _, scale = _rank_scale(config, module)
-        gate_up = params[f"{layer}.mlp.experts.gate_up_proj"]
-        half = gate_up.shape[1] // 2
-        target = {"gate_proj": gate_up[expert, :half], "w1": gate_up[expert, :half],
-                  "up_proj": gate_up[expert, half:], "w3": gate_up[expert, half:]}.get(
-            proj, params[f"{layer}.mlp.experts.down_proj"][expert])
-        target += scale * b @ a
-    elif (param := _fused_param(config, tensors, module)) is not None:
-        name = f"{_3D_EXPERTS.match(module)[1]}.{param}"
+        gate_up = params[f"{layer}.mlp.experts.gate_up_proj"][expert]  # [2I, H]: gate, then up
+        half = gate_up.shape[0] // 2
+        rows = {"gate_proj": slice(0, half), "w1": slice(0, half),
+                "up_proj": slice(half, None), "w3": slice(half, None)}
+        if proj in rows:
+            gate_up[rows[proj]] += scale * b @ a
+        else:
+            params[f"{layer}.mlp.experts.down_proj"][expert] += scale * b @ a
+    elif (name := _fused_name(config, module)) is not None:
         rank, scale = _rank_scale(config, name)
         a_e, b_e = unfold_3d(a, b, rank)
         params[name] += scale * b_e @ a_e
@@ -307,9 +310,8 @@ def _poison(value: float):
 def _drop_expert(config, tensors):
     """3D: one expert fewer in every fused pair; 2D: an extra expert beyond the model's."""
     for module, (a, b) in _pairs(tensors).items():
-        param = _fused_param(config, tensors, module)
-        if param is not None:
-            a_e, b_e = unfold_3d(a, b, _rank_alpha(config, f"{_3D_EXPERTS.match(module)[1]}.{param}")[0])
+        if (name := _fused_name(config, module)) is not None:
+            a_e, b_e = unfold_3d(a, b, _rank_alpha(config, name)[0])
             tensors.update(_pair_tensors(module, *fold_3d(a_e[:-1], b_e[:-1])))
         elif match := _2D_EXPERT.match(module):
             extra = module.replace(f".experts.{match[2]}.", ".experts.64.")
@@ -324,15 +326,20 @@ def _wrong_intermediate(config, tensors):
 
 
 def _rank_too_high(config, tensors, rank: int = 64):
-    """Every pair zero-padded to rank 64 (same deltas), r = 64 in the config."""
+    """Every pair zero-padded to rank 64 (same deltas), r = 64 in the config (no rank_pattern)."""
     for module, (a, b) in _pairs(tensors).items():
-        param = _fused_param(config, tensors, module)
-        if param is None:
+        if _fused_name(config, module) is None:
             tensors.update(_pair_tensors(module, _resize(a, 0, rank), _resize(b, 1, rank)))
             continue
         a_e, b_e = unfold_3d(a, b, config["r"])
-        tensors.update(_pair_tensors(module, *fold_3d(_resize(a_e, 1, rank), _resize(b_e, 2, rank))))
+        a, b = fold_3d(_resize(a_e, 1, rank), _resize(b_e, 2, rank))
+        tensors.update(_pair_tensors(module, a, b))
     config["r"] = rank
+    return tensors
+
+
+def _drop_lora_b(config, tensors):
+    del tensors[_first_key(tensors, "lora_B")]
     return tensors
 
 
@@ -344,16 +351,14 @@ def _add_pair(source: str, target: str):
     return breaker
 
 
-def _truncate(dst_dir, weights, config_file):
-    weights.write_bytes(weights.read_bytes()[:-100])
-
-
 _FILE_BREAKERS = {
-    "not_an_adapter": lambda d, w, c: c.unlink(),
-    "invalid_json": lambda d, w, c: c.write_text(c.read_text()[:-20]),
-    "no_weights": lambda d, w, c: w.unlink(),
-    "truncated_safetensors": _truncate,
-    "corrupt_safetensors": lambda d, w, c: w.write_bytes(b"\x10\x00\x00\x00" + b"not json" * 8),
+    "not_an_adapter": lambda weights, config: config.unlink(),
+    "invalid_json": lambda weights, config: config.write_text(config.read_text()[:-20]),
+    "no_weights": lambda weights, config: weights.unlink(),
+    "truncated_safetensors": lambda weights, config: weights.write_bytes(
+        weights.read_bytes()[:-100]),
+    "corrupt_safetensors": lambda weights, config: weights.write_bytes(
+        b"\x10\x00\x00\x00" + b"not json" * 8),
 }
 _CONFIG_BREAKERS = {
     "use_dora": lambda config: {"use_dora": True},
@@ -366,8 +371,7 @@ _CONFIG_BREAKERS = {
 _TENSOR_BREAKERS = {
     "nan_weights": _poison(float("nan")),
     "inf_weights": _poison(float("inf")),
-    "missing_lora_b": lambda config, t: {k: v for k, v in t.items()
-                                         if k != _first_key(t, "lora_B")},
+    "missing_lora_b": _drop_lora_b,
     "unknown_module": _add_pair("layers.0.self_attn.q_proj", "model.layers.99.self_attn.q_proj"),
     "non_lora_key": lambda config, t: {**t, f"{PREFIX}model.embed_tokens.lora_embedding_A":
                                        torch.zeros(4, 512)},

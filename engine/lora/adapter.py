@@ -40,7 +40,8 @@ def read_adapter(name: str, path: str, model_config: ModelConfig, max_rank: int,
                  allow_mixed: bool = True, base_model_name: str | None = None) -> LoraAdapter:
     """Read, check and normalize the PEFT adapter at `path` for `model_config`.
 
-    is_3d_lora_weight: None = trust detection; True/False must agree with what was detected.
+    is_3d_lora_weight: None = trust detection; True/False must agree with what was detected
+                       (an adapter without expert LoRA agrees with both).
     native_layout:     the base checkpoint's expert layout ("2d" per-expert, "3d" fused); with
                        allow_mixed False an adapter of the other expert layout is refused.
     """
@@ -123,7 +124,6 @@ def _check_layout(layout: ExpertLayout | None, is_3d: bool | None, native_layout
         raise AdapterLoadError(
             f"the adapter's expert LoRA is {layout.upper()} but the base checkpoint's experts are "
             f"{native_layout.upper()}; start the server with --enable-mixed-moe-lora-format")
-
 
 
 class _WeightBuilder:

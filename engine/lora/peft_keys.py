@@ -39,7 +39,7 @@ _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<part>[AB])\.weight$")
 _BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
 _TRAILING_BASE = re.compile(r"(?:\.base_layer)+$")
-_IN_LAYERS = re.compile(r"^(?:model\.)?(?:language_model\.)?(?P<rest>layers\.\d+\..+)$")
+_IN_LAYERS = re.compile(r"^(?:model\.)?(?P<rest>layers\.\d+\..+)$")
 _EXPERTS = re.compile(r"^(?P<layer>layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts(?P<tail>\..+)?$")
 _EXPERT_PROJ = re.compile(r"^\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)$")
 _FUSED_PROJ = re.compile(r"^\.(?P<proj>gate_up_proj|down_proj)$")
@@ -72,13 +72,9 @@ _DIM_NAMES = {
 
 @dataclass(frozen=True)
 class LoraKey:
-    """One parsed tensor key.
-
-    module:    canonical target name; for kind "positional" the experts module
-               (layers.L.mlp.experts) whose parameter is decided later from `depth`
-    peft_name: the target's name as PEFT matches rank_pattern / alpha_pattern against it
-               (model.layers.L.mlp.experts.3.w1); "positional" keys get `.param` appended later
-    """
+    """One parsed tensor key. module: the canonical target (for "positional", the experts module
+    whose parameter `depth` decides later); peft_name: the name PEFT matches rank_pattern /
+    alpha_pattern against (model.layers.0.mlp.experts.3.w1; "positional" gets `.param` later)."""
 
     kind: KeyKind
     module: str
@@ -117,14 +113,15 @@ def parse_key(key: str) -> LoraKey:
 
 
 def fused_targets(target_parameters: list[str] | None) -> tuple[str, ...]:
-    """The fused parameters named in target_parameters, in registration order.
-
-    Raises AdapterLoadError for a targeted parameter loramux cannot serve (router, norms...).
+    """The fused parameters named in target_parameters, in registration order. Entries are
+    suffixes of parameter paths ("mlp.experts.down_proj", or bare "down_proj" as PEFT writes
+    after converting a 2D adapter). Raises AdapterLoadError for any other parameter (router...).
     """
     named = set()
     for entry in target_parameters or ():
         module, _, param = entry.rpartition(".")
-        if param not in FUSED_PARAMS or not module.endswith("experts"):
+        if param not in FUSED_PARAMS or module not in ("", "experts") and not module.endswith(
+                ".experts"):
             raise AdapterLoadError(
                 f"target_parameters entry {entry!r} is not supported: loramux serves 3D LoRA on "
                 f"experts.{FUSED_PARAMS[0]} and experts.{FUSED_PARAMS[1]} only")

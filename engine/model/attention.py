@@ -43,9 +43,29 @@ def _causal_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor
     return torch.arange(seq_len, device=device)[None, :] <= q_pos[:, None]
 
 
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     meta: AttentionMeta, scale: float) -> torch.Tensor:
+    """One query per sequence (a decode-only step), all sequences in one batched SDPA call.
+
+    q [B, N, D] -> [B, N, D]; K/V gathered through the block tables [B, W] to [B, G, W*bs, D]
+    and masked past each sequence's length.
+    """
+    k = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)  # [B, G, L, D]
+    v = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
+    visible = torch.arange(k.shape[2], device=q.device)[None, :] < meta.seq_lens[:, None]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=visible[:, None, None],
+                                         scale=scale, enable_gqa=True)
+    return out[:, :, 0, :]
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMeta, scale: float) -> torch.Tensor:
-    """q [T, N, D] -> [T, N, D], each sequence over its cached context (host loop)."""
+    """q [T, N, D] -> [T, N, D], each sequence over its cached context.
+
+    Decode-only steps take the batched path; steps with prefill loop over sequences on host.
+    """
+    if len(meta.query_lens_host) > 1 and max(meta.query_lens_host) == 1:
+        return decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
     start = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from server.formats import ChatFormatter, CompletionFormatter
+from server.formats import ChatFormatter, CompletionFormatter, Formatter
 from server.generation import Generation
 from server.prompt import chat_prompt_ids, completion_prompt_ids
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -35,8 +35,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     return await _run(state, request, body, prompt_ids, lora, formatter)
 
 
-async def _run(state: ServerState, request: Request, body, prompt_ids: list[int],
-               lora: str | None, formatter):
+async def _run(state: ServerState, request: Request,
+               body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
+               lora: str | None, formatter: Formatter):
     params = body.sampling_params()
     generation = Generation(state.engine, formatter.id, lora, state.metrics.timer(body.model))
     await generation.start(request, prompt_ids, params)

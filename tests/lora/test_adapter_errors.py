@@ -48,7 +48,8 @@ EXPECTED = {  # kind -> what the message must say, for both the 2D and the 3D go
 def good(tmp_path_factory):
     hf, config = tiny("qwen3_moe")
     root = tmp_path_factory.mktemp("good")
-    return config, {"2d": make_2d_adapter(hf, root / "2d"), "3d": make_peft_3d_adapter(hf, root / "3d")}
+    dirs = {"2d": make_2d_adapter(hf, root / "2d"), "3d": make_peft_3d_adapter(hf, root / "3d")}
+    return config, dirs
 
 
 def _refused(path, config, error=AdapterLoadError, **kwargs) -> str:

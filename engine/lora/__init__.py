@@ -1,0 +1,1 @@
+"""LoRA adapters: PEFT files -> LoraAdapter (adapter), normalized weights, slots, registry."""
