@@ -80,6 +80,19 @@ def _lora_delta_kernel(
         tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
 
 
+def delta_config(x: torch.Tensor, num_slots: int, out_splits: tuple[int, ...]) -> dict:
+    """Launch shape: wide K steps keep each program's shrink chain short; N chunks split so the
+    busy programs (about one per slot segment block) fill twice the multiprocessors."""
+    num_tokens, d_in = x.shape
+    block_m = 16 if num_tokens <= 256 else 32
+    block_n = dot_width(max(out_splits), 64)
+    busy = (min(num_slots, num_tokens) + num_tokens // block_m) * len(out_splits)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_K=dot_width(d_in, 1024 // x.element_size()),
+                N_SPLIT=split_count(busy, cdiv(max(out_splits), block_n), x.device),
+                num_warps=4, num_stages=3)
+
+
 def lora_delta(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -106,8 +119,12 @@ def lora_delta(
         meta: LoraMeta         sorted_tokens / slot_start group the tokens by slot
         out_splits: n <= 4 slice widths summing to D_out
     """
-    if not meta.has_lora:
-        return
+    if meta.has_lora:
+        launch_lora_delta(y, x, a, b, meta, out_splits, delta_config(x, b.shape[0], out_splits))
+
+
+def launch_lora_delta(y, x, a, b, meta: LoraMeta, out_splits: tuple[int, ...], config: dict):
+    """lora_delta with an explicit launch shape (delta_config's keys); benchmarks sweep it."""
     num_tokens, d_in = x.shape
     num_slots, d_out, rank = b.shape
     num_slices = len(out_splits)
@@ -121,16 +138,10 @@ def lora_delta(
     assert x.dtype == a.dtype == b.dtype, "x, a and b must share a dtype"
     ends = [sum(out_splits[: j + 1]) for j in range(num_slices)]
     ends += [d_out] * (MAX_SLICES - num_slices)
-    block_m = 16 if num_tokens <= 256 else 32
-    block_n = dot_width(max(out_splits), 64)
-    busy = min(num_slots, num_tokens) + num_tokens // block_m
-    n_split = split_count(busy * num_slices, cdiv(max(out_splits), block_n), x.device)
-    grid = (cdiv(num_tokens, block_m), num_slots, num_slices * n_split)
+    grid = (cdiv(num_tokens, config["BLOCK_M"]), num_slots, num_slices * config["N_SPLIT"])
     _lora_delta_kernel[grid](
         y, x, a, b, meta.sorted_tokens, meta.slot_start,
         d_in, rank, *ends,
         y.stride(0), x.stride(0), a.stride(0), b.stride(0),
-        N_SPLIT=n_split, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=dot_width(d_in, 256), BLOCK_R=dot_width(rank, 128),
-        num_warps=4, num_stages=2,
+        BLOCK_R=dot_width(rank, 128), **config,
     )

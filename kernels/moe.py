@@ -79,16 +79,20 @@ def _moe_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
-def gemm_config(num_tokens: int, n_out: int) -> dict:
+def gemm_config(num_tokens: int, n_out: int, k_in: int, dtype: torch.dtype,
+                gate_up: bool) -> dict:
     """Block sizes by batch, the best of a sweep on an H100 (bf16, Qwen3-30B-A3B layer)."""
     if num_tokens <= 32:
-        block_m, block_n, block_k, stages = 16, 32, 256, 4
+        block_m, block_n, block_k, warps, stages = 16, 32, 256, 4, 4
     elif num_tokens <= 512:
-        block_m, block_n, block_k, stages = 32, 64, 128, 3
+        block_m, block_n, block_k, warps, stages = 32, 64, 128, 4, 3
+    elif gate_up:
+        block_m, block_n, block_k, warps, stages = 64, 64, 64, 4, 3
     else:
-        block_m, block_n, block_k, stages = 64, 64, 64, 3
-    return dict(BLOCK_M=block_m, BLOCK_N=dot_width(n_out, block_n), BLOCK_K=block_k,
-                num_warps=4, num_stages=stages)
+        block_m, block_n, block_k, warps, stages = 64, 128, 64, 8, 4
+    block_k = block_k * 16 // torch.finfo(dtype).bits  # same bytes per stage for fp32
+    return dict(BLOCK_M=block_m, BLOCK_N=dot_width(n_out, block_n),
+                BLOCK_K=dot_width(k_in, block_k), num_warps=warps, num_stages=stages)
 
 
 def moe_gemm(

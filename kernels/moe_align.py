@@ -104,7 +104,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlig
     _moe_align_kernel[(num_experts,)](
         topk_ids, sorted_ids, expert_ids, offsets,
         num_pairs, num_experts,
-        BLOCK_M=block_m, PAIR_BLOCK=min(1024, max(16, next_power_of_2(num_pairs))),
-        E_BLOCK=next_power_of_2(num_experts + 1),
+        BLOCK_M=block_m, PAIR_BLOCK=min(4096, max(16, next_power_of_2(num_pairs))),
+        E_BLOCK=next_power_of_2(num_experts + 1), num_warps=8 if num_pairs > 1024 else 4,
     )
     return MoeAlignment(sorted_ids, expert_ids, offsets, block_m)

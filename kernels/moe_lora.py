@@ -5,10 +5,10 @@ A program works on pairs of one (expert, slot) group and one chunk of the output
   naive mode (few pairs): program p takes pair p alone and exits when its token has slot -1;
   aligned mode: program (e, s) walks expert e's rows of the base MoeAlignment and keeps those
   whose token has slot s, so each (slot, expert) pair of A/B matrices is read by one program.
-It shrinks its rows through A (gate block 0; the up block up_block[s] only when it differs, so
-a 3D slot reads its shared A once), keeps h [BLOCK_M, R] in registers in the weight dtype, and
-expands through B into an fp32 delta [P, N] that the base GEMM adds before its epilogue. Rows of
-tokens without a slot are never written; the base GEMM does not read them.
+It shrinks its rows through A (gate block 0 and, in the same pass, the up block up_block[s]
+only when it differs, so a 3D slot reads its shared A once), keeps h [BLOCK_M, R] in registers
+in the weight dtype, and expands through B into an fp32 delta [P, N] that the base GEMM adds
+before its epilogue. Rows of tokens without a slot are never written nor read.
 """
 
 from __future__ import annotations
@@ -22,22 +22,26 @@ from kernels.moe_align import MoeAlignment
 
 
 @triton.jit
-def _shrink(x_ptr, a_ptr, x_rows, row_mask, k_in, rank,
+def _shrink(x_ptr, a_ptr, a2_ptr, x_rows, row_mask, k_in, rank, TWO: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """h = x[x_rows] @ a[:rank].T for a [rank, k_in] block, fp32 [BLOCK_M, BLOCK_R]."""
+    """h = x[x_rows] @ a[:rank].T for a [rank, k_in] block, fp32 [BLOCK_M, BLOCK_R]; with TWO
+    also h2 for the block at a2_ptr in the same pass over x (else h2 = h)."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :]
-    a_ptrs = a_ptr + offs_r[:, None] * k_in + offs_k[None, :]
+    a_offs = offs_r[:, None] * k_in + offs_k[None, :]
     h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    h2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(0, k_in, BLOCK_K):
         k_mask = offs_k < k_in - k
+        a_mask = (offs_r < rank)[:, None] & k_mask[None, :]
         xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(a_ptrs, mask=(offs_r < rank)[:, None] & k_mask[None, :], other=0.0)
-        h += tl.dot(xt, tl.trans(at))
+        h += tl.dot(xt, tl.trans(tl.load(a_ptr + a_offs, mask=a_mask, other=0.0)))
+        if TWO:
+            h2 += tl.dot(xt, tl.trans(tl.load(a2_ptr + a_offs, mask=a_mask, other=0.0)))
         x_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
-    return h
+        a_offs += BLOCK_K
+    return h, (h2 if TWO else h)
 
 
 @triton.jit
@@ -63,18 +67,21 @@ def _lora_rows(delta_ptr, x_ptr, a_ptr, b_ptr, pairs, row_mask, up_block, n_lo, 
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Shrink + expand of rows `pairs` of one (slot, expert); a_ptr/b_ptr point at [s, e]."""
     x_rows = (pairs // X_ROW_DIV) * stride_xm
-    h = _shrink(x_ptr, a_ptr, x_rows, row_mask, k_in, rank, BLOCK_M, BLOCK_K, BLOCK_R)
     dtype = b_ptr.dtype.element_ty
     if GATE_UP:
-        h_up = h
-        if up_block != 0:
-            h_up = _shrink(x_ptr, a_ptr + up_block * rank * k_in, x_rows, row_mask, k_in, rank,
-                           BLOCK_M, BLOCK_K, BLOCK_R)
+        if up_block != 0:  # 2D: gate and up have their own A blocks, read in one pass
+            h, h_up = _shrink(x_ptr, a_ptr, a_ptr + up_block * rank * k_in, x_rows, row_mask,
+                              k_in, rank, True, BLOCK_M, BLOCK_K, BLOCK_R)
+        else:  # 3D: one shared A, read once
+            h, h_up = _shrink(x_ptr, a_ptr, a_ptr, x_rows, row_mask, k_in, rank, False,
+                              BLOCK_M, BLOCK_K, BLOCK_R)
         _expand(delta_ptr, b_ptr, h.to(dtype), pairs, row_mask, n_lo, n_hi, rank, 2 * n_half,
                 BLOCK_N, BLOCK_R)
         _expand(delta_ptr + n_half, b_ptr + n_half * rank, h_up.to(dtype), pairs, row_mask,
                 n_lo, n_hi, rank, 2 * n_half, BLOCK_N, BLOCK_R)
     else:
+        h, _ = _shrink(x_ptr, a_ptr, a_ptr, x_rows, row_mask, k_in, rank, False,
+                       BLOCK_M, BLOCK_K, BLOCK_R)
         _expand(delta_ptr, b_ptr, h.to(dtype), pairs, row_mask, n_lo, n_hi, rank, n_half,
                 BLOCK_N, BLOCK_R)
 
@@ -134,13 +141,15 @@ NAIVE_MAX_PAIRS = 256  # up to here one program per pair reads about as much as 
 
 
 def lora_config(x: torch.Tensor, num_pairs: int, groups: int, n_half: int, naive: bool) -> dict:
-    """Launch shape: N split so that the busy programs (pairs or (slot, expert) groups) fill
-    twice the multiprocessors; each split redoes the shrink from L2."""
+    """Launch shape. Each program is one dependent chain (shrink loop, then expand loop), so
+    wide K steps keep the chain short; N is split so the busy programs (pairs or (slot, expert)
+    groups) fill twice the multiprocessors, each split redoing the shrink from L2."""
     block_n = dot_width(n_half, 64)
     busy = num_pairs if naive else min(num_pairs, groups)
     return dict(NAIVE=naive, N_SPLIT=split_count(busy, cdiv(n_half, block_n), x.device),
                 BLOCK_M=16 if naive or num_pairs <= 2048 else 32, BLOCK_N=block_n,
-                num_warps=4, num_stages=2)
+                BLOCK_K=dot_width(x.shape[1], 1024 // x.element_size()),
+                num_warps=4, num_stages=3)
 
 
 def moe_lora_delta(
@@ -193,6 +202,6 @@ def moe_lora_delta(
         num_pairs, k_in, n_half, rank,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), x.stride(0),
         TOP_K=top_k, X_ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up,
-        BLOCK_K=dot_width(k_in, 128), BLOCK_R=dot_width(rank, 128), **config,
+        BLOCK_R=dot_width(rank, 128), **config,
     )
     return delta

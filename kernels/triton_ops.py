@@ -54,7 +54,7 @@ def fused_experts(
     assert topk_weights.shape == topk_ids.shape == (num_tokens, top_k), "routing must be [T, K]"
     assert x.dtype == w_gate_up.dtype == w_down.dtype, "x and expert weights share a dtype"
     topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
-    config = gemm_config(num_tokens, two_inter // 2)
+    config = gemm_config(num_tokens, two_inter // 2, hidden, x.dtype, gate_up=True)
     naive = num_tokens * top_k * 4 <= num_experts
     routing = None if naive else moe_align(topk_ids, num_experts, config["BLOCK_M"])
     use_lora = lora is not None and meta is not None and meta.has_lora
@@ -66,6 +66,6 @@ def fused_experts(
     act = moe_gemm(x, w_gate_up, topk_ids, topk_weights, routing, delta, slots, config, True)
     if use_lora:
         delta = moe_lora_delta(act, lora.a_down, lora.b_down, None, topk_ids, slots, routing)
-    config = gemm_config(num_tokens, hidden)
+    config = gemm_config(num_tokens, hidden, two_inter // 2, x.dtype, gate_up=False)
     out = moe_gemm(act, w_down, topk_ids, topk_weights, routing, delta, slots, config, False)
     return out.view(num_tokens, top_k, hidden).sum(dim=1)

@@ -10,8 +10,14 @@ from pathlib import Path
 from engine.demo import ensure_demo
 from server.launch import run
 from server.settings import (
-    API_KEY_ENV, DEMO_SERVED_NAME, RUNTIME_LORA_ENV, LoraModule, Settings, SettingsError,
-    env_flag, parse_lora_module,
+    API_KEY_ENV,
+    DEMO_SERVED_NAME,
+    RUNTIME_LORA_ENV,
+    LoraModule,
+    Settings,
+    SettingsError,
+    env_flag,
+    parse_lora_module,
 )
 
 

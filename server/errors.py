@@ -14,8 +14,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import (
-    AdapterAlreadyExists, AdapterLoadError, AdapterNotFound, EngineError, EngineOverloaded,
-    EngineStopped, InvalidRequest,
+    AdapterAlreadyExists,
+    AdapterLoadError,
+    AdapterNotFound,
+    EngineError,
+    EngineOverloaded,
+    EngineStopped,
+    InvalidRequest,
 )
 
 logger = logging.getLogger(__name__)

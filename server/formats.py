@@ -13,9 +13,19 @@ from pydantic import BaseModel
 
 from engine.request import CompletionOutput, RequestOutput, TokenLogprob
 from server.responses import (
-    AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionResponse, ChatLogprobs,
-    ChatLogprobToken, ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionResponse,
-    DeltaMessage, TopLogprob, UsageInfo,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatLogprobToken,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    TopLogprob,
+    UsageInfo,
 )
 
 
@@ -77,7 +87,7 @@ class CompletionFormatter(_Formatter):
         if not self.want_logprobs:
             return None
         result, offset = CompletionLogprobs(), self._offsets.get(choice.index, 0)
-        for (token, top), entry in zip(self._pieces(out, choice, entries), entries):
+        for (token, top), entry in zip(self._pieces(out, choice, entries), entries, strict=True):
             result.tokens.append(token)
             result.token_logprobs.append(entry.logprob)
             result.top_logprobs.append(dict(top))
@@ -110,7 +120,7 @@ class ChatFormatter(_Formatter):
         if not self.want_logprobs:
             return None
         content = []
-        for (token, top), entry in zip(self._pieces(out, choice, entries), entries):
+        for (token, top), entry in zip(self._pieces(out, choice, entries), entries, strict=True):
             content.append(ChatLogprobToken(
                 token=token, logprob=entry.logprob, bytes=list(token.encode()),
                 top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode()))

@@ -12,7 +12,11 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import (
-    CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from server.errors import ApiError
 from server.metrics import ServerMetrics
@@ -28,6 +28,9 @@ class ServerState:
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(get_state)]  # what a route declares to get the state
 
 
 async def require_api_key(request: Request) -> None:

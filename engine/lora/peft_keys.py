@@ -4,7 +4,7 @@ Key forms (after the PEFT prefix `base_model.model.` and the model's own `model.
   dense       layers.L.self_attn.q_proj.lora_A.weight             -> layers.L.self_attn.q_proj
   2D expert   layers.L.mlp.experts.e.gate_proj.lora_A.weight       -> layers.L.mlp.experts.gate_proj
               layers.L.block_sparse_moe.experts.e.w1.lora_A.weight (Mixtral: w1/w3/w2 gate/up/down)
-  3D named    layers.L.mlp.experts.gate_up_proj.lora_A.weight      (Megatron-bridge exporters)
+  3D named    layers.L.mlp.experts.gate_up_proj.lora_A.weight      (Megatron-bridge; folded as PEFT)
   3D by depth layers.L.mlp.experts(.base_layer)*.lora_A.weight     (PEFT target_parameters: one
               nested wrapper per targeted parameter, so the key names a depth, not a parameter)
 `.base_layer` segments anywhere else in a module path are dropped (some exporters keep them).
@@ -120,8 +120,8 @@ def fused_targets(target_parameters: list[str] | None) -> tuple[str, ...]:
     named = set()
     for entry in target_parameters or ():
         module, _, param = entry.rpartition(".")
-        if param not in FUSED_PARAMS or module not in ("", "experts") and not module.endswith(
-                ".experts"):
+        on_experts = module in ("", "experts") or module.endswith(".experts")
+        if param not in FUSED_PARAMS or not on_experts:
             raise AdapterLoadError(
                 f"target_parameters entry {entry!r} is not supported: loramux serves 3D LoRA on "
                 f"experts.{FUSED_PARAMS[0]} and experts.{FUSED_PARAMS[1]} only")

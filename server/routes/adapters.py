@@ -7,20 +7,18 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 
 from server.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
-from server.state import ServerState, get_state, require_api_key
+from server.state import State, require_api_key
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
 @router.post("/load_lora_adapter", response_class=PlainTextResponse)
-async def load_lora_adapter(body: LoadLoRAAdapterRequest,
-                            state: ServerState = Depends(get_state)) -> str:
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, state: State) -> str:
     await state.models.load(body)
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
 
 @router.post("/unload_lora_adapter", response_class=PlainTextResponse)
-async def unload_lora_adapter(body: UnloadLoRAAdapterRequest,
-                              state: ServerState = Depends(get_state)) -> str:
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, state: State) -> str:
     await state.models.unload(body.lora_name)
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

@@ -9,15 +9,14 @@ from server.generation import Generation
 from server.prompt import chat_prompt_ids, completion_prompt_ids
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.responses import random_id
-from server.state import ServerState, get_state, require_api_key
+from server.state import ServerState, State, require_api_key
 from server.streaming import sse_response
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
 @router.post("/completions")
-async def create_completion(body: CompletionRequest, request: Request,
-                            state: ServerState = Depends(get_state)):
+async def create_completion(body: CompletionRequest, request: Request, state: State):
     lora = state.models.resolve(body.model)
     prompt_ids = completion_prompt_ids(state.engine.tokenizer, body.prompt)
     formatter = CompletionFormatter(state.engine.tokenizer, random_id("cmpl"), body.model,
@@ -26,8 +25,7 @@ async def create_completion(body: CompletionRequest, request: Request,
 
 
 @router.post("/chat/completions")
-async def create_chat_completion(body: ChatCompletionRequest, request: Request,
-                                 state: ServerState = Depends(get_state)):
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
     lora = state.models.resolve(body.model)
     prompt_ids = chat_prompt_ids(state.engine.tokenizer, body.messages)
     formatter = ChatFormatter(state.engine.tokenizer, random_id("chatcmpl"), body.model,

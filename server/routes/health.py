@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server import __version__
 from server.errors import ApiError
-from server.state import ServerState, get_state
+from server.state import State
 
 router = APIRouter()
 
 
 @router.get("/health")
-async def health(state: ServerState = Depends(get_state)) -> Response:
+async def health(state: State) -> Response:
     if not state.engine.is_alive:
         raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the engine loop is not running")
     return Response(status_code=HTTPStatus.OK)
@@ -27,5 +27,5 @@ async def version() -> dict:
 
 
 @router.get("/metrics")
-async def metrics(state: ServerState = Depends(get_state)) -> Response:
+async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from server.responses import ModelList
-from server.state import ServerState, get_state, require_api_key
+from server.state import State, require_api_key
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
 @router.get("/models")
-async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
+async def list_models(state: State) -> ModelList:
     return ModelList(data=state.models.cards())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -66,6 +68,18 @@ def test_merged_reference_agrees_with_peft(arch, tmp_path):
     path_3d = make_peft_3d_adapter(hf, tmp_path / "3d", seed=2)
     assert_same_weights(merged_reference(hf, path_2d), peft_merged(hf, path_2d))
     assert_same_weights(merged_reference(hf, path_3d), peft_merged(hf, path_3d))
+
+
+def test_2d_adapter_converted_and_resaved_by_peft_reads_as_3d(tmp_path):
+    """PEFT turns a 2D adapter into 3D on load (gate_up rank 2r, alpha 2*alpha through
+    rank_pattern / alpha_pattern, target_parameters as bare names) and saves it that way."""
+    hf, config = tiny("qwen3_moe")
+    path_2d = make_2d_adapter(hf, tmp_path / "2d")
+    peft.PeftModel.from_pretrained(copy.deepcopy(hf), path_2d).save_pretrained(tmp_path / "3d")
+    adapter = _read(tmp_path / "3d", config)
+    assert adapter.expert_layout == "3d"
+    assert adapter.weights["layers.0.mlp.experts.gate_up_proj"].rank == 8
+    assert_same_weights(fold_adapter(hf, adapter), merged_reference(hf, path_2d))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
