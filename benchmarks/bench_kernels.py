@@ -23,6 +23,7 @@ from benchmarks._timing import eager_time_us, graph_time_us, roofline_us  # noqa
 from kernels import LoraMeta, MoeLora, reference, triton_ops  # noqa: E402
 from kernels.moe import gemm_config, moe_gemm  # noqa: E402
 from kernels.moe_align import moe_align  # noqa: E402
+from kernels.lora import delta_config, launch_lora_delta  # noqa: E402
 from kernels.moe_lora import lora_config, moe_lora_delta  # noqa: E402
 
 DEVICE = "cuda"
@@ -71,7 +72,7 @@ def moe_case(shape, num_tokens, adapters, rank, with_twin):
     args = (x, w_gate_up, w_down, weights, ids)
     t_base = graph_time_us(lambda: triton_ops.fused_experts(*args, None, None))
     t_full = graph_time_us(lambda: triton_ops.fused_experts(*args, lora, meta))
-    config = gemm_config(num_tokens, inter)
+    config = gemm_config(num_tokens, inter, hidden, x.dtype, gate_up=True)
     align = None if num_tokens * top_k * 4 <= experts else moe_align(ids, experts, config["BLOCK_M"])
     act = moe_gemm(x, w_gate_up, ids, weights, align, None, None, config, True)
 
@@ -112,12 +113,8 @@ def dense_case(hidden, num_tokens, adapters, rank, with_twin):
     return row
 
 
-SWEEP = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried per batch size
-    1: [(16, 32, 256, 4, 4), (16, 64, 128, 4, 3), (16, 32, 128, 4, 5), (16, 16, 256, 4, 4),
-        (16, 32, 256, 8, 4)],
-    16: [(16, 32, 256, 4, 4), (16, 32, 256, 8, 4), (16, 64, 256, 8, 3), (16, 32, 512, 4, 3)],
-    1024: [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4),
-           (128, 128, 64, 8, 3), (64, 64, 128, 4, 3)],
+SWEEP = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of both base GEMMs, by batch
+    1024: [(64, 64, 64, 4, 3), (64, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
 }
 
 
@@ -134,20 +131,23 @@ def sweep_case(num_tokens, candidates):
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         naive = num_tokens * top_k * 4 <= experts
         align = None if naive else moe_align(ids, experts, bm)
-        t_gu = graph_time_us(lambda: moe_gemm(x, w_gate_up, ids, weights, align, None, None, cfg, True))
-        t_d = graph_time_us(lambda: moe_gemm(act, w_down, ids, weights, align, None, None, cfg, False))
+        t_gu = graph_time_us(lambda: moe_gemm(x, w_gate_up, ids, weights, align, None, None, cfg,
+                                              True))
+        t_d = graph_time_us(lambda: moe_gemm(act, w_down, ids, weights, align, None, None, cfg,
+                                             False))
         rows.append(dict(op="sweep", tokens=num_tokens, config=[bm, bn, bk, warps, stages],
                          gate_up_us=t_gu, down_us=t_d))
     return rows
 
 
-LORA_SWEEP = [  # (naive, BLOCK_N, N_SPLIT scale, num_warps, num_stages)
-    (None, 64, 1, 4, 2), (None, 32, 2, 4, 2), (None, 128, 1, 4, 2), (None, 64, 1, 8, 3),
-    (None, 64, 0.5, 4, 2), (None, 64, 2, 4, 3), (True, 64, 1, 4, 2), (False, 64, 1, 4, 2),
+LORA_SWEEP = [  # (naive or None = default rule, BLOCK_N, N_SPLIT scale, warps, stages, BLOCK_K)
+    (None, 64, 1, 4, 3, 512), (None, 64, 2, 4, 3, 512), (None, 64, 4, 4, 3, 512),
+    (None, 64, 1, 4, 3, 256), (None, 64, 1, 8, 3, 512), (None, 64, 1, 4, 4, 512),
+    (None, 128, 1, 4, 3, 512), (True, 64, 1, 4, 3, 512), (False, 64, 1, 4, 3, 512),
 ]
 
 
-def lora_sweep_case(num_tokens, adapters=16, rank=16):
+def lora_sweep_case(num_tokens, adapters=16, rank=16, variants=LORA_SWEEP):
     """Time the MoE-LoRA gate_up + down kernels under several launch shapes."""
     hidden, experts, top_k, inter = MOE_SHAPES["qwen3-30b-a3b"]
     x = _randn(num_tokens, hidden)
@@ -159,27 +159,53 @@ def lora_sweep_case(num_tokens, adapters=16, rank=16):
     up_block = torch.ones(adapters, dtype=torch.int32, device=DEVICE)
     act = _randn(num_tokens * top_k, inter)
     slots = LoraMeta.build(segment_slots(num_tokens, adapters), adapters, torch.device(DEVICE))
-    block_m = gemm_config(num_tokens, inter)["BLOCK_M"]
+    block_m = gemm_config(num_tokens, inter, hidden, x.dtype, gate_up=True)["BLOCK_M"]
     align = moe_align(ids, experts, block_m) if num_tokens * top_k * 4 > experts else None
     pairs, rows = num_tokens * top_k, []
-    for naive, block_n, scale, warps, stages in LORA_SWEEP:
+    for naive, block_n, scale, warps, stages, block_k in variants:
         naive = (align is None or pairs <= 256) if naive is None else naive
         if not naive and align is None:
             continue
         cfgs = []
-        for n_half in (inter, hidden):
-            cfg = lora_config(x, pairs, adapters * experts, n_half, naive)
+        for src, n_half in ((x, inter), (act, hidden)):
+            cfg = lora_config(src, pairs, adapters * experts, n_half, naive)
             split = max(1, round(cfg["N_SPLIT"] * scale * 64 / block_n))
             cfgs.append({**cfg, "BLOCK_N": block_n, "N_SPLIT": split, "num_warps": warps,
-                         "num_stages": stages})
+                         "num_stages": stages, "BLOCK_K": min(block_k, cfg["BLOCK_K"])})
 
         def op():
             moe_lora_delta(x, a_gu, b_gu, up_block, ids, slots.token_slot, align, cfgs[0])
             moe_lora_delta(act, a_d, b_d, None, ids, slots.token_slot, align, cfgs[1])
 
-        rows.append(dict(op="lora_sweep", tokens=num_tokens, config=[naive, block_n, scale,
-                         warps, stages, cfgs[0]["N_SPLIT"], cfgs[1]["N_SPLIT"]],
-                         us=graph_time_us(op)))
+        rows.append(dict(op="sweep_lora", tokens=num_tokens, adapters=adapters,
+                         config=[naive, block_n, scale, warps, stages, block_k,
+                                 cfgs[0]["N_SPLIT"], cfgs[1]["N_SPLIT"]], us=graph_time_us(op)))
+    return rows
+
+
+DENSE_SWEEP = [  # (BLOCK_M, BLOCK_N, N_SPLIT scale, warps, stages, BLOCK_K)
+    (None, 64, 1, 4, 3, 512), (None, 64, 2, 4, 3, 512), (None, 64, 0.5, 4, 3, 512),
+    (None, 64, 1, 4, 3, 256), (None, 64, 1, 8, 3, 512), (None, 128, 1, 4, 3, 512),
+    (None, 32, 2, 4, 3, 512), (None, 64, 1, 4, 2, 1024), (64, 64, 1, 4, 3, 512),
+]
+
+
+def dense_sweep_case(num_tokens, hidden=2048, adapters=16, rank=16):
+    x = _randn(num_tokens, hidden)
+    a = _randn(adapters, rank, hidden, fan_in=hidden)
+    b = _randn(adapters, hidden, rank, fan_in=rank)
+    y = _randn(num_tokens, hidden)
+    meta = LoraMeta.build(segment_slots(num_tokens, adapters), adapters, torch.device(DEVICE))
+    rows = []
+    for block_m, block_n, scale, warps, stages, block_k in DENSE_SWEEP:
+        cfg = delta_config(x, adapters, (hidden,))
+        cfg.update(BLOCK_M=block_m or cfg["BLOCK_M"], BLOCK_N=block_n, num_warps=warps,
+                   num_stages=stages, BLOCK_K=block_k,
+                   N_SPLIT=max(1, round(cfg["N_SPLIT"] * scale * 64 / block_n)))
+        t = graph_time_us(lambda: launch_lora_delta(y, x, a, b, meta, (hidden,), cfg))
+        rows.append(dict(op="sweep_dense", tokens=num_tokens,
+                         config=[cfg["BLOCK_M"], block_n, scale, warps, stages, block_k,
+                                 cfg["N_SPLIT"]], us=t))
     return rows
 
 
@@ -194,8 +220,8 @@ def fmt(row):
         twin = f"{row['twin_us']:.0f}" if "twin_us" in row else "-"
         return (f"| {row['hidden']} | {row['tokens']} | {row['adapters']} | {row['rank']} "
                 f"| {row['us']:.1f} ({row['roof_us'] / row['us']:.0%}) | {twin} |")
-    if row["op"] == "lora_sweep":
-        return f"| lora sweep | {row['tokens']} | {row['config']} | {row['us']:.1f} |"
+    if row["op"] in ("sweep_lora", "sweep_dense"):
+        return f"| {row['op']} | {row['tokens']} | {row['config']} | {row['us']:.1f} |"
     return (f"| sweep | {row['tokens']} | {row['config']} | gate_up {row['gate_up_us']:.1f} "
             f"| down {row['down_us']:.1f} |")
 
@@ -210,10 +236,12 @@ def main() -> None:
     if args.sweep:
         for num_tokens, candidates in SWEEP.items():
             rows += sweep_case(num_tokens, candidates)
-            print(*map(fmt, rows[-len(candidates):]), sep="\n", flush=True)
         for num_tokens in (1, 16, 64, 256):
             rows += lora_sweep_case(num_tokens)
-            print(*map(fmt, rows[-len(LORA_SWEEP):]), sep="\n", flush=True)
+        rows += lora_sweep_case(1024, adapters=64, variants=LORA_SWEEP[-2:])
+        for num_tokens in (1, 16, 64, 256, 1024):
+            rows += dense_sweep_case(num_tokens)
+        print(*map(fmt, rows), sep="\n", flush=True)
     for case in MOE_CASES:
         rows.append(moe_case(*case))
         print(fmt(rows[-1]), flush=True)

@@ -66,6 +66,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights of the real architecture (for benchmarks)")
+    g.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="LoRA/MoE ops: Triton kernels or their torch twins (auto: Triton on "
+                        "CUDA, torch elsewhere)")
     g.add_argument("--tokenizer", default=None, help="tokenizer path (default: MODEL)")
     g.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
     g.add_argument("--max-model-len", type=_positive_int, default=None,
@@ -138,8 +141,10 @@ def _demo_overrides(args: argparse.Namespace) -> dict:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     fields = dict(
         model=args.model, served_model_names=tuple(args.served_model_name or [args.model]),
-        host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
+        host=args.host, port=args.port, log_level=args.log_level,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         dtype=args.dtype, device=args.device, load_format=args.load_format,
+        kernel_backend=args.kernel_backend,
         tokenizer=args.tokenizer, seed=args.seed, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
@@ -160,8 +165,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.api_key is None:
-        args.api_key = os.environ.get(API_KEY_ENV) or None
     try:
         settings = settings_from_args(args)
     except SettingsError as exc:

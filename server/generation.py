@@ -12,13 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
+from engine.errors import EngineError
 from engine.request import RequestOutput, SamplingParams
 from server.errors import ClientDisconnected
 from server.metrics import RequestTimer
+
+if TYPE_CHECKING:
+    from engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +48,10 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 class Generation:
-    def __init__(self, engine, request_id: str, lora: str | None, timer: RequestTimer) -> None:
+    """The server's handle on one engine request (all n choices of it)."""
+
+    def __init__(self, engine: Engine, request_id: str, lora: str | None,
+                 timer: RequestTimer) -> None:
         self.engine, self.request_id, self.lora, self.timer = engine, request_id, lora, timer
         self._outputs: AsyncIterator[RequestOutput] | None = None
         self._first: RequestOutput | None = None
@@ -70,7 +77,11 @@ class Generation:
         try:
             yield self._first
             while not self._finished:
-                out = await anext(self._outputs)
+                try:
+                    out = await anext(self._outputs)
+                except EngineError:
+                    self._finished = True  # the engine ended the request itself
+                    raise
                 self._observe(out)
                 yield out
         finally:

@@ -86,59 +86,60 @@ class ServerMetrics:
     def __init__(self, engine) -> None:
         disable_created_metrics()  # vLLM exposes no *_created series either
         self.registry = CollectorRegistry()
-        r, by_model = self.registry, ["adapter"]
+        r, by_adapter = self.registry, ["adapter"]
         self.requests = Counter("loramux_requests", "Finished requests by adapter and reason.",
                                 ["adapter", "finish_reason"], registry=r)
-        self.prompt_tokens = Counter("loramux_prompt_tokens", "Prompt tokens.", by_model,
+        self.prompt_tokens = Counter("loramux_prompt_tokens", "Prompt tokens.", by_adapter,
                                      registry=r)
         self.generation_tokens = Counter("loramux_generation_tokens", "Generated tokens.",
-                                         by_model, registry=r)
+                                         by_adapter, registry=r)
         self.aborts = Counter("loramux_request_aborts",
-                              "Requests aborted because the client went away.", by_model,
+                              "Requests aborted because the client went away.", by_adapter,
                               registry=r)
         self.ttft = Histogram("loramux_time_to_first_token_seconds", "Time to first token.",
-                              by_model, buckets=_TTFT_BUCKETS, registry=r)
+                              by_adapter, buckets=_TTFT_BUCKETS, registry=r)
         self.itl = Histogram("loramux_inter_token_latency_seconds", "Time between tokens.",
-                             by_model, buckets=_ITL_BUCKETS, registry=r)
+                             by_adapter, buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("loramux_e2e_request_latency_seconds", "Request latency.",
-                             by_model, buckets=_E2E_BUCKETS, registry=r)
+                             by_adapter, buckets=_E2E_BUCKETS, registry=r)
         r.register(EngineStatsCollector(engine))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def timer(self, model: str) -> RequestTimer:
-        return RequestTimer(self, model)
+    def timer(self, adapter: str) -> RequestTimer:
+        return RequestTimer(self, adapter)
 
 
 class RequestTimer:
     """Times one request from submission; fed every RequestOutput it yields."""
 
-    def __init__(self, metrics: ServerMetrics, model: str) -> None:
-        self.metrics, self.model = metrics, model
+    def __init__(self, metrics: ServerMetrics, adapter: str) -> None:
+        self.metrics, self.adapter = metrics, adapter
         self.start = self.last = time.monotonic()
         self.num_tokens = 0
 
     def observe(self, out: RequestOutput) -> None:
         now = time.monotonic()
-        new = sum(len(choice.token_ids_delta) for choice in out.outputs)
+        # tokens each sequence gained (the n choices of a request advance together)
+        new = max((len(choice.token_ids_delta) for choice in out.outputs), default=0)
         if new and self.num_tokens == 0:
-            self.metrics.ttft.labels(self.model).observe(now - self.start)
+            self.metrics.ttft.labels(self.adapter).observe(now - self.start)
         elif new:
             for _ in range(new):
-                self.metrics.itl.labels(self.model).observe((now - self.last) / new)
+                self.metrics.itl.labels(self.adapter).observe((now - self.last) / new)
         if new:
             self.num_tokens, self.last = self.num_tokens + new, now
         if out.finished:
             self._finish(out, now)
 
     def _finish(self, out: RequestOutput, now: float) -> None:
-        m, model = self.metrics, self.model
+        m, adapter = self.metrics, self.adapter
         reason = out.outputs[0].finish_reason if out.outputs else None
-        m.requests.labels(model, reason or "unknown").inc()
-        m.prompt_tokens.labels(model).inc(len(out.prompt_token_ids))
-        m.generation_tokens.labels(model).inc(sum(len(c.token_ids) for c in out.outputs))
-        m.e2e.labels(model).observe(now - self.start)
+        m.requests.labels(adapter, reason or "unknown").inc()
+        m.prompt_tokens.labels(adapter).inc(len(out.prompt_token_ids))
+        m.generation_tokens.labels(adapter).inc(sum(len(c.token_ids) for c in out.outputs))
+        m.e2e.labels(adapter).observe(now - self.start)
 
     def aborted(self) -> None:
-        self.metrics.aborts.labels(self.model).inc()
+        self.metrics.aborts.labels(self.adapter).inc()

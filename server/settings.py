@@ -62,6 +62,7 @@ class Settings:
     dtype: str = "auto"
     device: str = "auto"
     load_format: str = "auto"
+    kernel_backend: str = "auto"
     tokenizer: str | None = None
     seed: int = 0
     max_model_len: int | None = None
@@ -102,7 +103,8 @@ class Settings:
         try:
             return EngineConfig(
                 model=self.model, dtype=self.dtype, device=self.device,
-                load_format=self.load_format, seed=self.seed, tokenizer=self.tokenizer,
+                load_format=self.load_format, kernel_backend=self.kernel_backend,
+                seed=self.seed, tokenizer=self.tokenizer,
                 cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
                                   kv_cache_memory_gb=self.kv_cache_memory_gb,
                                   gpu_memory_utilization=self.gpu_memory_utilization),

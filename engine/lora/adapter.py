@@ -7,9 +7,9 @@ alpha_pattern) folded into b. Weights stay float32 on CPU.
 - 2D per-expert pairs are stacked into a [E, r, D_in], b [E, D_out, r]. An expert missing from the
   file gets zero A and B (no delta), as PEFT leaves it; experts of unequal rank are zero-padded.
 - 3D fused pairs unfold with A rows expert-major (A.view(E, r, in)[e]) and B columns rank-major
-  (B.view(out, r, E)[:, :, e]). PEFT <= 0.18 could write them transposed: detected from shapes;
-  when every 3D tensor fits both readings (hidden_size == 2*moe_intermediate_size or == I),
-  peft_version >= 0.19.1 settles it, otherwise the adapter is refused. Nothing is guessed.
+  (B.view(out, r, E)[:, :, e]). PEFT <= 0.18 could write them transposed: detected from shapes.
+  A tensor that fits both readings (hidden_size == 2I for gate_up, == I for down) is settled by
+  the file's other 3D tensors or by peft_version >= 0.19.1, else refused. Nothing is guessed.
 Every problem raises AdapterLoadError naming the key or module (AdapterNotFound: no such path).
 """
 

@@ -8,8 +8,7 @@ Key forms (after the PEFT prefix `base_model.model.` and the model's own `model.
   3D by depth layers.L.mlp.experts(.base_layer)*.lora_A.weight     (PEFT target_parameters: one
               nested wrapper per targeted parameter, so the key names a depth, not a parameter)
 `.base_layer` segments anywhere else in a module path are dropped (some exporters keep them).
-Also here: adapter_config.json (read_config, and LoraHyper: each target's rank and scale),
-pairing lora_A with lora_B (pair_up), and the 3D expert fold (fused_orientations, unfold_fused).
+Also: adapter_config.json (read_config, LoraHyper), pair_up, and the 3D fold (unfold_fused).
 """
 
 from __future__ import annotations
@@ -29,13 +28,13 @@ from engine.errors import AdapterLoadError
 logger = logging.getLogger(__name__)
 
 KeyKind = Literal["dense", "expert", "fused", "positional"]
+Patterns = tuple[tuple[re.Pattern, float], ...]  # compiled rank_pattern / alpha_pattern
 
 # Fused expert parameters in registration order on every supported experts module (transformers
 # 5): PEFT wraps targeted parameters in this order, the first one innermost.
 FUSED_PARAMS = ("gate_up_proj", "down_proj")
 
 _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<part>[AB])\.weight$")
 _BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
 _TRAILING_BASE = re.compile(r"(?:\.base_layer)+$")
@@ -177,13 +176,10 @@ def unfold_fused(a: torch.Tensor, b: torch.Tensor, num_experts: int, rank: int,
     return a3.contiguous(), b3.contiguous()
 
 
-def pattern_value(patterns: dict, peft_name: str, default: float) -> float:
+def pattern_value(patterns: Patterns, peft_name: str, default: float) -> float:
     """rank_pattern / alpha_pattern lookup as PEFT does it: the first key (in file order) that
     matches the end of the name at a dot boundary, as a regular expression."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", peft_name):
-            return value
-    return default
+    return next((value for regex, value in patterns if regex.match(peft_name)), default)
 
 
 def dim_names(module: str) -> tuple[str, str]:
@@ -208,9 +204,8 @@ def read_config(root: Path) -> dict:
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterLoadError(f"peft_type {config['peft_type']!r}: loramux serves LoRA only")
     if config.get("modules_to_save"):
-        raise AdapterLoadError(
-            f"modules_to_save {config['modules_to_save']} replaces whole modules; loramux serves "
-            "LoRA deltas only")
+        raise AdapterLoadError(f"modules_to_save {config['modules_to_save']} replaces whole "
+                               "modules; loramux serves LoRA deltas only")
     if config.get("bias", "none") != "none":
         raise AdapterLoadError(f"bias={config['bias']!r} trains base biases; it must be 'none'")
     for option, what in _UNSUPPORTED_OPTIONS.items():
@@ -225,27 +220,21 @@ class LoraHyper:
 
     r: int
     alpha: float
-    rank_pattern: dict
-    alpha_pattern: dict
+    rank_pattern: Patterns
+    alpha_pattern: Patterns
     use_rslora: bool
     fused_targets: tuple[str, ...]  # fused expert parameters named in target_parameters
     peft_version: str | None
 
     @classmethod
     def from_config(cls, config: dict) -> LoraHyper:
-        rank_pattern = _patterns(config, "rank_pattern")
-        alpha_pattern = _patterns(config, "alpha_pattern")
-        ranks = [config.get("r"), *rank_pattern.values()]
-        if not all(isinstance(r, int) and r > 0 for r in ranks):
-            raise AdapterLoadError(f"adapter_config.json: r and rank_pattern values must be "
-                                   f"positive integers, found {ranks}")
-        alphas = [config.get("lora_alpha"), *alpha_pattern.values()]
-        if not all(isinstance(a, (int, float)) for a in alphas):
-            raise AdapterLoadError(f"adapter_config.json: lora_alpha and alpha_pattern values "
-                                   f"must be numbers, found {alphas}")
-        return cls(config["r"], float(config["lora_alpha"]), rank_pattern, alpha_pattern,
-                   bool(config.get("use_rslora")), fused_targets(config.get("target_parameters")),
-                   config.get("peft_version"))
+        r, alpha = config.get("r"), config.get("lora_alpha")
+        if not _is_rank(r) or not _is_number(alpha):
+            raise AdapterLoadError(f"adapter_config.json: r must be a positive integer and "
+                                   f"lora_alpha a number, found r={r!r}, lora_alpha={alpha!r}")
+        return cls(r, float(alpha), _patterns(config, "rank_pattern", _is_rank),
+                   _patterns(config, "alpha_pattern", _is_number), bool(config.get("use_rslora")),
+                   fused_targets(config.get("target_parameters")), config.get("peft_version"))
 
     def rank_and_scale(self, peft_name: str) -> tuple[int, float]:
         r = int(pattern_value(self.rank_pattern, peft_name, self.r))
@@ -253,11 +242,24 @@ class LoraHyper:
         return r, alpha / (math.sqrt(r) if self.use_rslora else r)
 
 
-def _patterns(config: dict, name: str) -> dict:
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and value > 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float))
+
+
+def _patterns(config: dict, name: str, is_valid) -> Patterns:
+    """A rank_pattern / alpha_pattern object, compiled the way PEFT matches it."""
     patterns = config.get(name) or {}
-    if not isinstance(patterns, dict):
-        raise AdapterLoadError(f"adapter_config.json: {name} must be an object: {patterns!r}")
-    return patterns
+    if not isinstance(patterns, dict) or not all(map(is_valid, patterns.values())):
+        raise AdapterLoadError(f"adapter_config.json: {name} must map regexes to valid values "
+                               f"({'positive integers' if name == 'rank_pattern' else 'numbers'})")
+    try:
+        return tuple((re.compile(rf"(.*\.)?({key})$"), value) for key, value in patterns.items())
+    except re.error as err:
+        raise AdapterLoadError(f"adapter_config.json: a {name} key is not a regex: {err}") from err
 
 
 @dataclass

@@ -107,7 +107,8 @@ def test_adapter_mixing_2d_and_3d_expert_keys_is_refused(good, tmp_path):
     ("layer_replication", [[0, 2]], r"layer_replication"),
     ("peft_type", "IA3", r"peft_type 'IA3'"),
     ("rank_pattern", {"q_proj": 0}, r"positive integers"),
-    ("lora_alpha", "eight", r"must be numbers"),
+    ("lora_alpha", "eight", r"lora_alpha a number, found r=4, lora_alpha='eight'"),
+    ("alpha_pattern", {"(": 2}, r"alpha_pattern key is not a regex"),
 ])
 def test_config_options_beyond_plain_lora_are_refused(option, value, expected, good, tmp_path):
     config, dirs = good

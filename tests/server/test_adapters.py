@@ -88,6 +88,19 @@ def test_load_use_unload_reload(server, client, peft_3d):
         assert unload(http, "t-3d").status_code == 200
 
 
+def test_unload_lets_in_flight_requests_finish(server, client, hand_2d):
+    with server.http() as http:
+        assert load(http, "in-flight", hand_2d).status_code == 200
+        expected = greedy(client, "in-flight", 64)
+        chunks = iter(client.completions.create(model="in-flight", prompt=PROMPT, max_tokens=64,
+                                                temperature=0, stream=True, **NO_EOS))
+        first = next(chunks).choices[0].text
+        assert unload(http, "in-flight").status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            greedy(client, "in-flight")
+        assert first + "".join(c.choices[0].text for c in chunks) == expected
+
+
 def test_3d_adapter_and_its_2d_split_answer_alike_in_one_batch(server, client, peft_3d,
                                                                 split_2d):
     with server.http() as http:

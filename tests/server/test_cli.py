@@ -17,7 +17,7 @@ VLLM_FLAGS = ("--host", "--port", "--served-model-name", "--dtype", "--device",
               "--enable-mixed-moe-lora-format", "--api-key", "--load-format")
 OUR_FLAGS = ("--allowed-lora-roots", "--allow-runtime-lora-updating", "--block-size",
              "--num-kv-blocks", "--kv-cache-memory-gb", "--seed", "--max-num-batched-tokens",
-             "--log-level")
+             "--log-level", "--kernel-backend")
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -59,11 +59,13 @@ def test_settings_map_onto_the_engine_config(tmp_path):
                      "--max-lora-rank", "32", "--max-cpu-loras", "5", "--enable-lora",
                      "--lora-modules", "a=/x", '{"name":"b","path":"/y"}', "--num-kv-blocks",
                      "99", "--block-size", "32", "--max-model-len", "512", "--dtype",
-                     "bfloat16", "--enable-mixed-moe-lora-format", "--seed", "7")
+                     "bfloat16", "--enable-mixed-moe-lora-format", "--seed", "7",
+                     "--kernel-backend", "torch")
     config = settings.to_engine_config()
     assert settings.served_model_names == ("base", "alias") and settings.base_name == "base"
     assert [m.name for m in settings.lora_modules] == ["a", "b"]
-    assert (config.model, config.dtype, config.seed) == (str(tmp_path), "bfloat16", 7)
+    assert (config.model, config.dtype, config.seed, config.kernel_backend) == (
+        str(tmp_path), "bfloat16", 7, "torch")
     assert (config.lora.enabled, config.lora.max_loras, config.lora.max_lora_rank,
             config.lora.max_cpu_loras, config.lora.enable_mixed_moe_lora_format) == (
         True, 3, 32, 5, True)

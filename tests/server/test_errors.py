@@ -71,7 +71,8 @@ def test_failure_mid_stream_is_an_error_frame_then_done(http, engine, error, cod
     assert frames[-1] == "[DONE]"
     assert json.loads(frames[0])["choices"][0]["text"] == " x"
     assert json.loads(frames[-2])["error"]["code"] == code
-    assert len(engine.aborted) == 1  # the failed request is released in the engine
+    # an engine error ended the request in the engine; after a bug the server releases it
+    assert len(engine.aborted) == (code == 500)
 
 
 def test_wrong_or_missing_key_is_401(http):
