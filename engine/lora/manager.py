@@ -58,6 +58,7 @@ class LoraManager:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-reader")
         self.loads_total = 0  # adapter copies into GPU slots
         self.evictions_total = 0  # adapters pushed out of a GPU slot for another
+        self.disk_reads_total = 0  # re-reads of adapters that had left the CPU cache
 
     # --- registry (any thread) -------------------------------------------------------------
     def read(self, req: LoRARequest) -> LoraAdapter:
@@ -161,6 +162,7 @@ class LoraManager:
         future = self._loading.get(handle.key)
         if future is None:
             self._loading[handle.key] = self._reader.submit(self.read, handle.request)
+            self.disk_reads_total += 1
             return None
         if not future.done():
             return None

@@ -93,6 +93,8 @@ def test_mixed_batches_equal_each_alone(setups, max_loras, max_cpu_loras):
     manager = mixed.core.lora
     if max_loras < 3:
         assert manager.evictions_total > 0
+    if max_cpu_loras == 1:
+        assert manager.disk_reads_total > 0
     assert manager.slots.num_used <= max_loras
 
 
