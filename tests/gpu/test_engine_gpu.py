@@ -1,9 +1,12 @@
 """The engine on a CUDA GPU in bf16 with the Triton kernels, against fp32 transformers.
 
-Tolerance: bf16 rounds every activation to 8 bits of mantissa, and routing can flip an expert
-for near-tied router scores, so tokens are not compared; the log-probabilities of the top-20
-tokens of every prompt's first step must lie within 0.15 of the fp32 reference (logits of
-these tiny models have std ~1.6) and the top-1 token must agree for every prompt.
+Tolerance, measured on an H100 (2026-11-22, benchmarks/diagnose_gpu.py): bf16 rounds every
+activation to 8 bits of mantissa and routing flips experts at near-tied router scores, so the
+bf16 engine's first-step log-probabilities (top 20) differ from fp32 transformers by up to 0.32
+with the torch twins and 0.32 with Triton on these tiny models (logit std ~1.6), and 1 prompt
+in 16 changed its top-1 token on either path. So tokens are not compared; the Triton error must
+stay within 0.5 absolute and within twice the torch twins' own bf16 error plus 0.05. An
+indexing or layout bug moves log-probabilities by whole units and fails both bounds.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 PROMPTS = [[3, 4, 5, 6, 7, 8, 100, 200], [10, 11], list(range(20, 33)), [40, 41, 42, 43]]
-ATOL = 0.15
+ATOL = 0.5
 FIRST = SamplingParams(temperature=0, max_tokens=1, logprobs=20)
 
 
@@ -29,23 +32,32 @@ def reference_logprobs(model, prompts=PROMPTS) -> list[torch.Tensor]:
                 for p in prompts]
 
 
-def check(outs, refs) -> float:
+def max_error(outs, refs) -> float:
+    """Largest |logprob - reference| over each output's top-20 tokens."""
     worst = 0.0
     for out, ref in zip(outs, refs):
         lp = out.outputs[0].logprobs[0]
         ids = torch.tensor([t for t, _ in lp.top])
         got = torch.tensor([v for _, v in lp.top])
         worst = max(worst, (got - ref[ids]).abs().max().item())
-        assert lp.token_id == int(ref.argmax())
-    assert worst <= ATOL, f"max |logprob error| {worst:.3f} > {ATOL}"
     return worst
+
+
+def check(path, prompts, refs, loras=None, **kwargs) -> None:
+    """Run the bf16 engine with Triton and with the torch twins; hold Triton to the bounds."""
+    errors = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(str(path), dtype="bfloat16", device="cuda", kernel_backend=backend, **kwargs)
+        outs = llm.generate(prompts, FIRST, loras)
+        errors[backend] = max_error(outs, refs)
+    bound = min(ATOL, 2 * errors["torch"] + 0.05)
+    assert errors["triton"] <= bound, f"bf16 logprob errors {errors}, bound {bound:.3f}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_first_step_matches_fp32_transformers(tmp_path, arch):
     path = save_tiny_checkpoint(arch, tmp_path / arch)
-    llm = LLM(str(path), dtype="bfloat16", device="cuda")
-    check(llm.generate(PROMPTS, FIRST), reference_logprobs(load_reference(path)))
+    check(path, PROMPTS, reference_logprobs(load_reference(path)))
 
 
 def test_bf16_mixed_2d_3d_batch_matches_references(tmp_path):
@@ -56,8 +68,6 @@ def test_bf16_mixed_2d_3d_batch_matches_references(tmp_path):
     reqs = [None, LoRARequest("a2d", 1, str(a2)), LoRARequest("a3d", 2, str(a3))]
     refs = [reference_logprobs(hf), reference_logprobs(merged_reference(hf, a2)),
             reference_logprobs(merged_reference(hf, a3))]
-    llm = LLM(str(path), dtype="bfloat16", device="cuda", max_loras=2, max_lora_rank=16,
-              enable_mixed_moe_lora_format=True)
     order = [(k, i) for i in range(len(PROMPTS)) for k in range(3)]
-    outs = llm.generate([PROMPTS[i] for _, i in order], FIRST, [reqs[k] for k, _ in order])
-    check(outs, [refs[k][i] for k, i in order])
+    check(path, [PROMPTS[i] for _, i in order], [refs[k][i] for k, i in order], max_loras=2,
+          max_lora_rank=16, enable_mixed_moe_lora_format=True, loras=[reqs[k] for k, _ in order])
