@@ -58,6 +58,25 @@ def run(llm: LLM, concurrency: int, max_tokens: int, loras: list) -> dict:
                                                                               2)}
 
 
+def profile(llm: LLM, concurrency: int, steps: int, loras: list) -> None:
+    """torch.profiler over `steps` decode steps: where the step time goes."""
+    core = llm.core
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    for i in range(concurrency):
+        core.add_request(f"p{i}", [1000 + i] * 128, params, loras[i % len(loras)])
+    for _ in range(4):  # prefill and a few decode steps
+        core.step()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            core.step()
+        torch.cuda.synchronize()
+    for key in ("self_cpu_time_total", "self_cuda_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=18), flush=True)
+    while core.has_work():
+        core.step()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,6 +86,9 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the runs, profile N decode steps at the largest concurrency "
+                             "and print the ops that took the most host and device time")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
     config = {**QWEN3_30B_A3B, "num_hidden_layers": args.layers}
@@ -86,6 +108,8 @@ def main() -> None:
     for c in args.concurrency:  # a first pass compiles kernels for this batch size's shapes
         run(llm, c, 4, loras)
         results.append(run(llm, c, args.max_tokens, loras))
+    if args.profile:
+        profile(llm, max(args.concurrency), args.profile, loras)
     summary = {"gpu": torch.cuda.get_device_name(), "layers": args.layers, "lora": args.lora,
                "kernel_backend": args.kernel_backend, "results": results}
     text = json.dumps(summary, indent=1)

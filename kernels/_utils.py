@@ -7,6 +7,8 @@ import functools
 import torch
 import triton
 
+MAX_RANK = 256  # widest LoRA rank block the kernels hold in registers
+
 cdiv = triton.cdiv
 next_power_of_2 = triton.next_power_of_2
 
@@ -28,7 +30,15 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def split_count(num_programs: int, num_tiles: int, device: torch.device) -> int:
-    """How many programs to split num_tiles output tiles over so the grid fills the device."""
-    want = cdiv(2 * num_sms(device), max(1, num_programs))
+def split_count(num_programs: int, num_tiles: int, device: torch.device, per_sm: int) -> int:
+    """Into how many chunks to split num_tiles output tiles so that num_programs busy programs
+    become about per_sm programs per multiprocessor."""
+    want = cdiv(per_sm * num_sms(device), max(1, num_programs))
     return max(1, min(num_tiles, want))
+
+
+def shrink_block_k(rows: int, element_size: int, k_in: int) -> int:
+    """K step of a shrink loop that loads `rows` rows (x rows plus A rows) per step: as wide as
+    64 KiB per pipeline stage allows (a short dependent chain), at most 512 and the K size."""
+    fit = 1 << max(4, (65536 // (rows * element_size)).bit_length() - 1)
+    return dot_width(k_in, min(512, fit))

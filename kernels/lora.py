@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import cdiv, dot_width, split_count
+from kernels._utils import MAX_RANK, cdiv, dot_width, shrink_block_k, split_count
 from kernels.meta import LoraMeta
 
 MAX_SLICES = 4
@@ -80,17 +80,22 @@ def _lora_delta_kernel(
         tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
 
 
-def delta_config(x: torch.Tensor, num_slots: int, out_splits: tuple[int, ...]) -> dict:
+LAUNCH = dict(per_sm=2, block_n=128, num_warps=4, num_stages=3)  # H100 sweep: bench --sweep
+
+
+def delta_config(x: torch.Tensor, b: torch.Tensor, out_splits: tuple[int, ...]) -> dict:
     """Launch shape: wide K steps keep each program's shrink chain short; N chunks split so the
-    busy programs (about one per slot segment block) fill twice the multiprocessors."""
+    busy programs (about one per slot segment block) reach LAUNCH["per_sm"] per SM."""
     num_tokens, d_in = x.shape
-    block_m = 16 if num_tokens <= 256 else 32
-    block_n = dot_width(max(out_splits), 64)
+    num_slots, _, rank = b.shape
+    block_m, block_r = (16 if num_tokens <= 256 else 32), dot_width(rank, MAX_RANK)
+    block_n = dot_width(max(out_splits), LAUNCH["block_n"])
     busy = (min(num_slots, num_tokens) + num_tokens // block_m) * len(out_splits)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_K=dot_width(d_in, 1024 // x.element_size()),
-                N_SPLIT=split_count(busy, cdiv(max(out_splits), block_n), x.device),
-                num_warps=4, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+                BLOCK_K=shrink_block_k(block_m + block_r, x.element_size(), d_in),
+                N_SPLIT=split_count(busy, cdiv(max(out_splits), block_n), x.device,
+                                    LAUNCH["per_sm"]),
+                num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
 
 
 def lora_delta(
@@ -120,7 +125,7 @@ def lora_delta(
         out_splits: n <= 4 slice widths summing to D_out
     """
     if meta.has_lora:
-        launch_lora_delta(y, x, a, b, meta, out_splits, delta_config(x, b.shape[0], out_splits))
+        launch_lora_delta(y, x, a, b, meta, out_splits, delta_config(x, b, out_splits))
 
 
 def launch_lora_delta(y, x, a, b, meta: LoraMeta, out_splits: tuple[int, ...], config: dict):
@@ -136,12 +141,12 @@ def launch_lora_delta(y, x, a, b, meta: LoraMeta, out_splits: tuple[int, ...], c
     assert a.is_contiguous() and b.is_contiguous(), "a and b must be contiguous"
     assert x.stride(1) == 1 and y.stride(1) == 1, "x and y rows must be contiguous"
     assert x.dtype == a.dtype == b.dtype, "x, a and b must share a dtype"
+    assert rank <= MAX_RANK, f"rank {rank} > {MAX_RANK}"
     ends = [sum(out_splits[: j + 1]) for j in range(num_slices)]
     ends += [d_out] * (MAX_SLICES - num_slices)
     grid = (cdiv(num_tokens, config["BLOCK_M"]), num_slots, num_slices * config["N_SPLIT"])
     _lora_delta_kernel[grid](
         y, x, a, b, meta.sorted_tokens, meta.slot_start,
         d_in, rank, *ends,
-        y.stride(0), x.stride(0), a.stride(0), b.stride(0),
-        BLOCK_R=dot_width(rank, 128), **config,
+        y.stride(0), x.stride(0), a.stride(0), b.stride(0), **config,
     )

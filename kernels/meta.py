@@ -14,9 +14,11 @@ class LoraMeta:
     Running example: 4 slots, tokens use slots [1, 1, -1, 3, 1] (-1 = base model, no LoRA).
       token_slot    = [1, 1, -1, 3, 1]  # [T] int32 on the compute device
       sorted_tokens = [0, 1, 4, 3, 2]   # [T] int32: token rows grouped by slot (stable), -1 last
-      slot_start    = [0, 0, 3, 3, 4]   # [S + 1] int32: slot s owns sorted_tokens[start[s]:start[s+1]]
+      slot_start    = [0, 0, 3, 3, 4]   # [S + 1] int32: slot s owns sorted_tokens[s_0:s_1]
+                                        #   with s_0, s_1 = slot_start[s], slot_start[s + 1]
       has_lora      = True              # host-side: lets ops return without a device sync
       num_slots     = 4                 # S, the slot dimension of every LoRA weight buffer
+      num_active    = 2                 # host-side: distinct slots in use (picks kernel modes)
 
     The three device tensors are views of one int32 buffer, so `copy_` refreshes a CUDA-graph
     captured meta with one copy. Capture with has_lora True: a replay whose tokens are all -1
@@ -28,6 +30,7 @@ class LoraMeta:
     num_slots: int
     sorted_tokens: torch.Tensor
     slot_start: torch.Tensor
+    num_active: int
 
     @classmethod
     def build(cls, token_slot: list[int], num_slots: int, device: torch.device) -> LoraMeta:
@@ -48,6 +51,7 @@ class LoraMeta:
             num_slots=num_slots,
             sorted_tokens=packed[num_tokens : 2 * num_tokens],
             slot_start=packed[2 * num_tokens :],
+            num_active=len({s for s in token_slot if s >= 0}),
         )
 
     def copy_(self, other: LoraMeta) -> None:
@@ -58,3 +62,4 @@ class LoraMeta:
         self.sorted_tokens.copy_(other.sorted_tokens)
         self.slot_start.copy_(other.slot_start)
         self.has_lora = other.has_lora
+        self.num_active = other.num_active

@@ -59,7 +59,8 @@ def _moe_gemm_kernel(
         wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(xt, wt)
         if GATE_UP:
-            wt_up = tl.load(w_ptrs + n_out * k_in, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            wt_up = tl.load(w_ptrs + n_out * k_in, mask=k_mask[:, None] & n_mask[None, :],
+                            other=0.0)
             acc_up += tl.dot(xt, wt_up)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K

@@ -72,6 +72,11 @@ def _moe_align_kernel(
         tl.store(expert_ids_ptr + blk + offs_m, e, mask=blk + offs_m < end // BLOCK_M)
 
 
+def needs_alignment(num_pairs: int, num_experts: int) -> bool:
+    """Below this (T*K*4 <= E, vLLM's rule) one pair per M-block is cheaper than aligning."""
+    return num_pairs * 4 > num_experts
+
+
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Worst-case padded pair count: every non-empty expert group wastes at most block_m - 1."""
     return num_pairs + min(num_experts, num_pairs) * (block_m - 1)

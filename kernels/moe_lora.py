@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import cdiv, dot_width, split_count
+from kernels._utils import MAX_RANK, cdiv, dot_width, shrink_block_k, split_count
 from kernels.moe_align import MoeAlignment
 
 
@@ -137,19 +137,29 @@ def _moe_lora_kernel(
                            X_ROW_DIV, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
 
-NAIVE_MAX_PAIRS = 256  # up to here one program per pair reads about as much as per (slot, expert)
+# one program per pair while pairs <= NAIVE_PAIRS_PER_GROUP * active slots * E, else one per
+# (expert, slot): H100 sweep (bench --sweep), 16 adapters: naive wins at 1024 and 2048 pairs,
+# loses at 8192 (682 vs 464 us); 64 adapters x 8192 pairs: naive wins (748 vs 1108 us).
+# Thresholds 1 and 2 both fit these four points.
+NAIVE_PAIRS_PER_GROUP = 2
+MAX_GRID_Y = 65535  # naive mode puts the pairs on grid axis 1 (splits of a pair run together)
+LAUNCH = dict(per_sm=4, block_n=128, num_warps=4, num_stages=3)  # H100 sweep: bench --sweep
 
 
-def lora_config(x: torch.Tensor, num_pairs: int, groups: int, n_half: int, naive: bool) -> dict:
-    """Launch shape. Each program is one dependent chain (shrink loop, then expand loop), so
-    wide K steps keep the chain short; N is split so the busy programs (pairs or (slot, expert)
-    groups) fill twice the multiprocessors, each split redoing the shrink from L2."""
-    block_n = dot_width(n_half, 64)
-    busy = num_pairs if naive else min(num_pairs, groups)
-    return dict(NAIVE=naive, N_SPLIT=split_count(busy, cdiv(n_half, block_n), x.device),
-                BLOCK_M=16 if naive or num_pairs <= 2048 else 32, BLOCK_N=block_n,
-                BLOCK_K=dot_width(x.shape[1], 1024 // x.element_size()),
-                num_warps=4, num_stages=3)
+def lora_config(x: torch.Tensor, b: torch.Tensor, num_pairs: int, n_half: int, naive: bool,
+                gate_up: bool) -> dict:
+    """Launch shape. A program is one dependent chain (shrink loop, then expand loop), so wide
+    K steps keep it short; N is split so the busy programs (pairs, or (slot, expert) groups)
+    reach LAUNCH["per_sm"] per multiprocessor, each split redoing the shrink from L2."""
+    num_slots, num_experts, _, rank = b.shape
+    block_m, block_r = 16 if naive or num_pairs <= 2048 else 32, dot_width(rank, MAX_RANK)
+    block_n = dot_width(n_half, LAUNCH["block_n"])
+    busy = num_pairs if naive else min(num_pairs, num_slots * num_experts)
+    a_rows = block_m + (2 if gate_up else 1) * block_r
+    return dict(NAIVE=naive, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+                BLOCK_K=shrink_block_k(a_rows, x.element_size(), x.shape[1]),
+                N_SPLIT=split_count(busy, cdiv(n_half, block_n), x.device, LAUNCH["per_sm"]),
+                num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
 
 
 def moe_lora_delta(
@@ -160,6 +170,7 @@ def moe_lora_delta(
     topk_ids: torch.Tensor,
     token_slot: torch.Tensor,
     routing: MoeAlignment | None,
+    active_slots: int,
     config: dict | None = None,
 ) -> torch.Tensor:
     """LoRA delta of every (token, k) pair whose token has a slot, for one expert projection.
@@ -173,7 +184,8 @@ def moe_lora_delta(
         rows of pairs whose token has slot -1 are left unwritten
     Args:
         x: activations, rows contiguous; a: [S, E, n*R, D_in]; b: [S, E, D_out, R] contiguous
-        routing: the base MoeAlignment (aligned mode) or None (naive mode)
+        routing: the base MoeAlignment (aligned mode possible) or None (naive mode)
+        active_slots: how many distinct slots the step's tokens use (host-side; picks the mode)
         config: launch shape override (benchmarks); default lora_config(...)
     Returns:
         [T*K, D_out] fp32
@@ -183,12 +195,14 @@ def moe_lora_delta(
     gate_up = up_block is not None
     assert a.is_contiguous() and b.is_contiguous() and x.stride(1) == 1, "contiguous operands"
     assert a_rows == (2 if gate_up else 1) * rank and x.shape[1] == k_in, "a must be [S,E,n*R,D_in]"
+    assert rank <= MAX_RANK, f"rank {rank} > {MAX_RANK}"
     num_pairs, top_k = topk_ids.numel(), topk_ids.shape[1]
     n_half = b.shape[2] // 2 if gate_up else b.shape[2]
     delta = torch.empty(num_pairs, b.shape[2], dtype=torch.float32, device=x.device)
     if config is None:
-        naive = routing is None or num_pairs <= NAIVE_MAX_PAIRS
-        config = lora_config(x, num_pairs, num_slots * num_experts, n_half, naive)
+        dense_groups = num_pairs > NAIVE_PAIRS_PER_GROUP * max(1, active_slots) * num_experts
+        naive = routing is None or not (dense_groups or num_pairs > MAX_GRID_Y)
+        config = lora_config(x, b, num_pairs, n_half, naive, gate_up)
     assert config["NAIVE"] or routing is not None, "aligned mode needs the base alignment"
     if config["NAIVE"]:
         grid = (config["N_SPLIT"], num_pairs)
@@ -201,7 +215,6 @@ def moe_lora_delta(
         sorted_ids, offsets,
         num_pairs, k_in, n_half, rank,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), x.stride(0),
-        TOP_K=top_k, X_ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up,
-        BLOCK_R=dot_width(rank, 128), **config,
+        TOP_K=top_k, X_ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up, **config,
     )
     return delta

@@ -12,7 +12,7 @@ import torch
 from kernels.lora import lora_delta
 from kernels.meta import LoraMeta
 from kernels.moe import gemm_config, moe_gemm
-from kernels.moe_align import moe_align
+from kernels.moe_align import moe_align, needs_alignment
 from kernels.moe_lora import moe_lora_delta
 from kernels.reference import MoeLora
 
@@ -55,17 +55,19 @@ def fused_experts(
     assert x.dtype == w_gate_up.dtype == w_down.dtype, "x and expert weights share a dtype"
     topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
     config = gemm_config(num_tokens, two_inter // 2, hidden, x.dtype, gate_up=True)
-    naive = num_tokens * top_k * 4 <= num_experts
-    routing = None if naive else moe_align(topk_ids, num_experts, config["BLOCK_M"])
+    routing = None
+    if needs_alignment(topk_ids.numel(), num_experts):
+        routing = moe_align(topk_ids, num_experts, config["BLOCK_M"])
     use_lora = lora is not None and meta is not None and meta.has_lora
     slots = meta.token_slot if use_lora else None
     delta = None
     if use_lora:
         delta = moe_lora_delta(x, lora.a_gate_up, lora.b_gate_up, lora.up_block,
-                               topk_ids, slots, routing)
+                               topk_ids, slots, routing, meta.num_active)
     act = moe_gemm(x, w_gate_up, topk_ids, topk_weights, routing, delta, slots, config, True)
     if use_lora:
-        delta = moe_lora_delta(act, lora.a_down, lora.b_down, None, topk_ids, slots, routing)
+        delta = moe_lora_delta(act, lora.a_down, lora.b_down, None, topk_ids, slots, routing,
+                               meta.num_active)
     config = gemm_config(num_tokens, hidden, two_inter // 2, x.dtype, gate_up=False)
     out = moe_gemm(act, w_down, topk_ids, topk_weights, routing, delta, slots, config, False)
     return out.view(num_tokens, top_k, hidden).sum(dim=1)

@@ -6,8 +6,10 @@ import torch
 
 from kernels import MoeLora
 
-# dtype -> largest allowed ||out - ref|| / ||ref||; fp32 allows for tf32 dots on a GPU
-REL_TOL = {torch.float32: 3e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+# dtype -> largest allowed ||out - ref|| / ||ref||; on a GPU fp32 dots run in tf32 (seen on an
+# H100: up to 3.8e-3 through the LoRA chain), the interpreter computes them in fp32
+REL_TOL = {torch.float32: 6e-3 if torch.cuda.is_available() else 1e-5,
+           torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 MIXES = ("one", "distinct", "zipf", "with_base", "none")
 
@@ -22,7 +24,8 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
     assert torch.isfinite(out).all(), "output has NaN/inf (an element was never written?)"
     err = rel_err(out, ref)
     max_abs = (out.double() - ref.double()).abs().max().item()
-    assert err <= REL_TOL[dtype], f"rel err {err:.2e} > {REL_TOL[dtype]:.0e} (max abs {max_abs:.2e})"
+    assert err <= REL_TOL[dtype], (
+        f"rel err {err:.2e} > {REL_TOL[dtype]:.0e} (max abs {max_abs:.2e})")
 
 
 def token_slots(mix: str, num_tokens: int, num_slots: int, gen: torch.Generator) -> list[int]:
@@ -37,7 +40,8 @@ def token_slots(mix: str, num_tokens: int, num_slots: int, gen: torch.Generator)
     weights = 1.0 / torch.arange(1, num_slots + 1, dtype=torch.float64) ** 1.5
     if mix == "with_base":  # index num_slots stands for "no adapter"
         weights = torch.cat([weights, weights[:1]])
-    bounds = sorted(torch.randperm(num_tokens - 1, generator=gen)[: num_tokens // 3].add(1).tolist())
+    cuts = torch.randperm(num_tokens - 1, generator=gen)[: num_tokens // 3] + 1
+    bounds = sorted(cuts.tolist())
     slots: list[int] = []
     for lo, hi in zip([0, *bounds], [*bounds, num_tokens]):
         s = int(torch.multinomial(weights, 1, generator=gen))

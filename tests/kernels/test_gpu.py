@@ -84,7 +84,8 @@ def test_cuda_graph_replays_a_new_adapter_mix(gen):
     a = _randn(cuda_gen, slots, 16, 1024, fan_in=1024).bfloat16()
     b = _randn(cuda_gen, slots, 1024, 16, fan_in=16).bfloat16()
     y0 = _randn(cuda_gen, num_tokens, 1024).bfloat16()
-    meta = LoraMeta.build(token_slots("distinct", num_tokens, slots, gen), slots, torch.device("cuda"))
+    cuda = torch.device("cuda")
+    meta = LoraMeta.build(token_slots("distinct", num_tokens, slots, gen), slots, cuda)
     y = y0.clone()
 
     def step():
@@ -100,7 +101,7 @@ def test_cuda_graph_replays_a_new_adapter_mix(gen):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
-    other = LoraMeta.build(token_slots("with_base", num_tokens, slots, gen), slots, torch.device("cuda"))
+    other = LoraMeta.build(token_slots("with_base", num_tokens, slots, gen), slots, cuda)
     meta.copy_(other)
     logits = _randn(cuda_gen, num_tokens, 32)
     new_weights, new_ids = torch.topk(logits.softmax(-1), 8, dim=-1)

@@ -39,6 +39,13 @@ def test_lora_delta_slices_and_ranks(splits, rank, device, gen):
     _run(splits, rank, "zipf", torch.float32, device, gen, num_tokens=19, num_slots=3)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 19])
+@pytest.mark.parametrize("splits", [(600,), (200, 72, 72)])
+def test_lora_delta_multi_tile(splits, num_tokens, device, gen):
+    """D_in past one K step (masked tail), D_out over several N tiles split over programs."""
+    _run(splits, 16, "with_base", torch.float32, device, gen, num_tokens, 3, d_in=600)
+
+
 def test_lora_delta_without_lora_launches_nothing(monkeypatch, device):
     monkeypatch.setattr(lora, "_lora_delta_kernel", None)  # a launch would raise TypeError
     meta = LoraMeta.build([-1, -1], 2, device)

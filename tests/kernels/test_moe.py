@@ -6,19 +6,26 @@ import pytest
 import torch
 
 from kernels import LoraMeta, moe_lora, reference, triton_ops
-from tests.kernels._utils import MIXES, assert_close, lora_weight, random_moe_lora, routing, token_slots
+from tests.kernels._utils import (
+    MIXES,
+    assert_close,
+    lora_weight,
+    random_moe_lora,
+    routing,
+    token_slots,
+)
 
 HIDDEN, INTER, TOP_K, SLOTS, RANK = 32, 24, 2, 4, 16
-# mode -> (tokens, experts): "naive" skips the alignment (T*K*4 <= E); "aligned" uses it,
-# with the LoRA kernel one program per pair up to NAIVE_MAX_PAIRS, per (expert, slot) above
+# mode -> (tokens, experts): "naive" skips the alignment (T*K*4 <= E); the others use it, with
+# the LoRA kernel forced to one program per pair ("lora_naive") or per (expert, slot) ("aligned")
 MODES = {"naive": (1, 8), "lora_naive": (9, 6), "aligned": (9, 6)}
 
 
-def _inputs(mode, dtype, device, gen):
+def _inputs(mode, dtype, device, gen, hidden=HIDDEN, inter=INTER):
     num_tokens, num_experts = MODES[mode]
-    x = lora_weight((num_tokens, HIDDEN), 1, gen, dtype, device)
-    w_gate_up = lora_weight((num_experts, 2 * INTER, HIDDEN), HIDDEN, gen, dtype, device)
-    w_down = lora_weight((num_experts, HIDDEN, INTER), INTER, gen, dtype, device)
+    x = lora_weight((num_tokens, hidden), 1, gen, dtype, device)
+    w_gate_up = lora_weight((num_experts, 2 * inter, hidden), hidden, gen, dtype, device)
+    w_down = lora_weight((num_experts, hidden, inter), inter, gen, dtype, device)
     weights, ids = routing(num_tokens, num_experts, TOP_K, gen, dtype, device)
     return x, w_gate_up, w_down, weights, ids
 
@@ -26,8 +33,8 @@ def _inputs(mode, dtype, device, gen):
 @pytest.fixture
 def mode_of(monkeypatch):
     def apply(mode):
-        if mode == "aligned":
-            monkeypatch.setattr(moe_lora, "NAIVE_MAX_PAIRS", 0)
+        if mode != "naive":
+            monkeypatch.setattr(moe_lora, "NAIVE_PAIRS_PER_GROUP", 0 if mode == "aligned" else 1e9)
         return mode
     return apply
 
@@ -48,6 +55,19 @@ def test_fused_experts_lora(mode, mix, device, gen, poison, mode_of):
     args = _inputs(mode, torch.float32, device, gen)
     lora = random_moe_lora(SLOTS, args[1].shape[0], HIDDEN, INTER, RANK, gen, torch.float32, device)
     meta = LoraMeta.build(token_slots(mix, args[0].shape[0], SLOTS, gen), SLOTS, device)
+    out = triton_ops.fused_experts(*args, lora, meta)
+    assert_close(out, reference.fused_experts(*args, lora, meta), torch.float32)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fused_experts_lora_multi_tile(mode, device, gen, poison, mode_of):
+    """Sizes past one K step (masked tail) and one N tile, so N is split over programs."""
+    mode_of(mode)
+    hidden, inter = 600, 200
+    args = _inputs(mode, torch.float32, device, gen, hidden, inter)
+    lora = random_moe_lora(SLOTS, args[1].shape[0], hidden, inter, RANK, gen, torch.float32,
+                           device)
+    meta = LoraMeta.build(token_slots("with_base", args[0].shape[0], SLOTS, gen), SLOTS, device)
     out = triton_ops.fused_experts(*args, lora, meta)
     assert_close(out, reference.fused_experts(*args, lora, meta), torch.float32)
 
