@@ -13,6 +13,12 @@ cdiv = triton.cdiv
 next_power_of_2 = triton.next_power_of_2
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact fp32 ("ieee") for fp32 operands, whose default on the GPU
+    is TF32 (~1e-3 relative error, enough to flip fp32 greedy tokens); the native path else."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def dot_width(n: int, cap: int) -> int:
     """A tl.dot block width for an n-wide dimension: a power of two in [16, cap]."""
     return max(16, min(cap, next_power_of_2(n)))

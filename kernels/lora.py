@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import MAX_RANK, cdiv, dot_width, shrink_block_k, split_count
+from kernels._utils import (MAX_RANK, cdiv, dot_precision, dot_width, shrink_block_k,
+                            split_count)
 from kernels.meta import LoraMeta
 
 MAX_SLICES = 4
@@ -30,6 +31,7 @@ def _lora_delta_kernel(
     # meta
     N_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
@@ -62,7 +64,7 @@ def _lora_delta_kernel(
         k_mask = offs_k < d_in - k
         xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         at = tl.load(a_ptrs, mask=(offs_r < rank)[:, None] & k_mask[None, :], other=0.0)
-        h += tl.dot(xt, tl.trans(at))
+        h += tl.dot(xt, tl.trans(at), input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
     h = h.to(b_ptr.dtype.element_ty)
@@ -73,7 +75,7 @@ def _lora_delta_kernel(
         n_mask = cols < n_hi
         b_ptrs = b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None] * rank + offs_r[None, :]
         bt = tl.load(b_ptrs, mask=n_mask[:, None] & (offs_r < rank)[None, :], other=0.0)
-        delta = tl.dot(h, tl.trans(bt))
+        delta = tl.dot(h, tl.trans(bt), input_precision=DOT_PRECISION)
         y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
         y_mask = row_mask[:, None] & n_mask[None, :]
         y = tl.load(y_ptrs, mask=y_mask, other=0.0)
@@ -148,5 +150,6 @@ def launch_lora_delta(y, x, a, b, meta: LoraMeta, out_splits: tuple[int, ...], c
     _lora_delta_kernel[grid](
         y, x, a, b, meta.sorted_tokens, meta.slot_start,
         d_in, rank, *ends,
-        y.stride(0), x.stride(0), a.stride(0), b.stride(0), **config,
+        y.stride(0), x.stride(0), a.stride(0), b.stride(0),
+        DOT_PRECISION=dot_precision(x.dtype), **config,
     )

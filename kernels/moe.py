@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import cdiv, dot_width
+from kernels._utils import cdiv, dot_precision, dot_width
 from kernels.moe_align import MoeAlignment
 
 
@@ -30,6 +30,7 @@ def _moe_gemm_kernel(
     # meta
     TOP_K: tl.constexpr, X_ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, NAIVE: tl.constexpr,
     HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -57,11 +58,11 @@ def _moe_gemm_kernel(
         k_mask = offs_k < k_in - k
         xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.dot(xt, wt)
+        acc += tl.dot(xt, wt, input_precision=DOT_PRECISION)
         if GATE_UP:
             wt_up = tl.load(w_ptrs + n_out * k_in, mask=k_mask[:, None] & n_mask[None, :],
                             other=0.0)
-            acc_up += tl.dot(xt, wt_up)
+            acc_up += tl.dot(xt, wt_up, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_LORA:
@@ -142,6 +143,7 @@ def moe_gemm(
         num_pairs, n_out, k_in, num_experts,
         w.stride(0), x.stride(0),
         TOP_K=top_k, X_ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up,
-        NAIVE=routing is None, HAS_LORA=delta is not None, **config,
+        NAIVE=routing is None, HAS_LORA=delta is not None,
+        DOT_PRECISION=dot_precision(x.dtype), **config,
     )
     return out

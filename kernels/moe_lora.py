@@ -17,13 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import MAX_RANK, cdiv, dot_width, shrink_block_k, split_count
+from kernels._utils import (MAX_RANK, cdiv, dot_precision, dot_width, shrink_block_k,
+                            split_count)
 from kernels.moe_align import MoeAlignment
 
 
 @triton.jit
 def _shrink(x_ptr, a_ptr, a2_ptr, x_rows, row_mask, k_in, rank, TWO: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
     """h = x[x_rows] @ a[:rank].T for a [rank, k_in] block, fp32 [BLOCK_M, BLOCK_R]; with TWO
     also h2 for the block at a2_ptr in the same pass over x (else h2 = h)."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -36,9 +38,11 @@ def _shrink(x_ptr, a_ptr, a2_ptr, x_rows, row_mask, k_in, rank, TWO: tl.constexp
         k_mask = offs_k < k_in - k
         a_mask = (offs_r < rank)[:, None] & k_mask[None, :]
         xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        h += tl.dot(xt, tl.trans(tl.load(a_ptr + a_offs, mask=a_mask, other=0.0)))
+        at = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0)
+        h += tl.dot(xt, tl.trans(at), input_precision=DOT_PRECISION)
         if TWO:
-            h2 += tl.dot(xt, tl.trans(tl.load(a2_ptr + a_offs, mask=a_mask, other=0.0)))
+            a2t = tl.load(a2_ptr + a_offs, mask=a_mask, other=0.0)
+            h2 += tl.dot(xt, tl.trans(a2t), input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         a_offs += BLOCK_K
     return h, (h2 if TWO else h)
@@ -46,7 +50,7 @@ def _shrink(x_ptr, a_ptr, a2_ptr, x_rows, row_mask, k_in, rank, TWO: tl.constexp
 
 @triton.jit
 def _expand(delta_ptr, b_ptr, h, pairs, row_mask, n_lo, n_hi, rank, width,
-            BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+            BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """delta[pairs, n_lo:n_hi] = h @ b[n_lo:n_hi, :rank].T (b rows indexed like delta columns)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -55,7 +59,7 @@ def _expand(delta_ptr, b_ptr, h, pairs, row_mask, n_lo, n_hi, rank, width,
         n_mask = cols < n_hi
         bt = tl.load(b_ptr + cols[:, None] * rank + offs_r[None, :],
                      mask=n_mask[:, None] & (offs_r < rank)[None, :], other=0.0)
-        d = tl.dot(h, tl.trans(bt))
+        d = tl.dot(h, tl.trans(bt), input_precision=DOT_PRECISION)
         tl.store(delta_ptr + pairs[:, None] * width + cols[None, :], d,
                  mask=row_mask[:, None] & n_mask[None, :])
 
@@ -64,26 +68,27 @@ def _expand(delta_ptr, b_ptr, h, pairs, row_mask, n_lo, n_hi, rank, width,
 def _lora_rows(delta_ptr, x_ptr, a_ptr, b_ptr, pairs, row_mask, up_block, n_lo, n_hi,
                k_in, n_half, rank, stride_xm,
                X_ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
     """Shrink + expand of rows `pairs` of one (slot, expert); a_ptr/b_ptr point at [s, e]."""
     x_rows = (pairs // X_ROW_DIV) * stride_xm
     dtype = b_ptr.dtype.element_ty
     if GATE_UP:
         if up_block != 0:  # 2D: gate and up have their own A blocks, read in one pass
             h, h_up = _shrink(x_ptr, a_ptr, a_ptr + up_block * rank * k_in, x_rows, row_mask,
-                              k_in, rank, True, BLOCK_M, BLOCK_K, BLOCK_R)
+                              k_in, rank, True, BLOCK_M, BLOCK_K, BLOCK_R, DOT_PRECISION)
         else:  # 3D: one shared A, read once
             h, h_up = _shrink(x_ptr, a_ptr, a_ptr, x_rows, row_mask, k_in, rank, False,
-                              BLOCK_M, BLOCK_K, BLOCK_R)
+                              BLOCK_M, BLOCK_K, BLOCK_R, DOT_PRECISION)
         _expand(delta_ptr, b_ptr, h.to(dtype), pairs, row_mask, n_lo, n_hi, rank, 2 * n_half,
-                BLOCK_N, BLOCK_R)
+                BLOCK_N, BLOCK_R, DOT_PRECISION)
         _expand(delta_ptr + n_half, b_ptr + n_half * rank, h_up.to(dtype), pairs, row_mask,
-                n_lo, n_hi, rank, 2 * n_half, BLOCK_N, BLOCK_R)
+                n_lo, n_hi, rank, 2 * n_half, BLOCK_N, BLOCK_R, DOT_PRECISION)
     else:
         h, _ = _shrink(x_ptr, a_ptr, a_ptr, x_rows, row_mask, k_in, rank, False,
-                       BLOCK_M, BLOCK_K, BLOCK_R)
+                       BLOCK_M, BLOCK_K, BLOCK_R, DOT_PRECISION)
         _expand(delta_ptr, b_ptr, h.to(dtype), pairs, row_mask, n_lo, n_hi, rank, n_half,
-                BLOCK_N, BLOCK_R)
+                BLOCK_N, BLOCK_R, DOT_PRECISION)
 
 
 @triton.jit
@@ -99,6 +104,7 @@ def _moe_lora_kernel(
     TOP_K: tl.constexpr, X_ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, NAIVE: tl.constexpr,
     N_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_z = tl.program_id(0)
     chunk = tl.cdiv(tl.cdiv(n_half, N_SPLIT), BLOCK_N) * BLOCK_N
@@ -116,7 +122,7 @@ def _moe_lora_kernel(
                    b_ptr + slot * stride_bs + expert * stride_be,
                    (pair + offs_m * 0).to(tl.int64), offs_m == 0, up_block, n_lo, n_hi,
                    k_in, n_half, rank, stride_xm,
-                   X_ROW_DIV, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+                   X_ROW_DIV, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, DOT_PRECISION)
     else:
         expert = tl.program_id(1).to(tl.int64)
         slot = tl.program_id(2).to(tl.int64)
@@ -134,7 +140,7 @@ def _moe_lora_kernel(
                            b_ptr + slot * stride_bs + expert * stride_be,
                            pairs, row_mask, up_block, n_lo, n_hi,
                            k_in, n_half, rank, stride_xm,
-                           X_ROW_DIV, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+                           X_ROW_DIV, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, DOT_PRECISION)
 
 
 # one program per pair while pairs <= NAIVE_PAIRS_PER_GROUP * active slots * E, else one per
@@ -215,6 +221,7 @@ def moe_lora_delta(
         sorted_ids, offsets,
         num_pairs, k_in, n_half, rank,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), x.stride(0),
-        TOP_K=top_k, X_ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up, **config,
+        TOP_K=top_k, X_ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up,
+        DOT_PRECISION=dot_precision(x.dtype), **config,
     )
     return delta
