@@ -56,9 +56,10 @@ class EngineCore:
         self.model = build_model(self.model_config, self.dtype, self.device, ops,
                                  max_loras=num_slots, max_lora_rank=lora.max_lora_rank)
         self.native_layout = load_weights(self.model, config.model, config.load_format)
-        num_blocks = choose_num_blocks(self.model_config, config.cache, self.dtype, self.device)
-        self.allocator = BlockAllocator(num_blocks, config.cache.block_size)
         sched = config.scheduler
+        num_blocks = choose_num_blocks(self.model_config, config.cache, self.dtype, self.device,
+                                       self.max_model_len, sched.max_num_seqs)
+        self.allocator = BlockAllocator(num_blocks, config.cache.block_size)
         self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks,
                                   sched.max_num_batched_tokens, sched.max_num_seqs,
                                   self.max_model_len, num_slots, self.device, self.dtype)

@@ -8,6 +8,7 @@ import torch
 
 from engine.batch import AttentionMeta, ForwardContext
 from engine.config import CacheConfig, ModelConfig
+from engine.errors import ModelLoadError
 from engine.sampler import SampleResult, Sampler
 from engine.scheduler import Batch
 from kernels import LoraMeta
@@ -22,15 +23,24 @@ def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> 
 
 
 def choose_num_blocks(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype,
-                      device: torch.device) -> int:
-    """KV blocks to allocate: an explicit count, else what the memory budget allows."""
+                      device: torch.device, max_model_len: int, max_num_seqs: int) -> int:
+    """KV blocks to allocate: an explicit count, else what the memory budget allows, but never
+    more than max_num_seqs sequences of max_model_len tokens can use."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     budget = cache.kv_cache_memory_gb * 2**30
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = free - (1 - cache.gpu_memory_utilization) * total
-    return max(1, int(budget // kv_block_bytes(config, cache.block_size, dtype)))
+    per_seq = -(-max_model_len // cache.block_size)
+    blocks = min(int(budget // kv_block_bytes(config, cache.block_size, dtype)),
+                 per_seq * max_num_seqs)
+    if blocks < per_seq:
+        raise ModelLoadError(
+            f"the KV cache budget ({budget / 2**30:.2f} GiB) holds {max(blocks, 0)} blocks of "
+            f"{cache.block_size} tokens, fewer than one {max_model_len}-token sequence needs; "
+            "lower --max-model-len or give the cache more memory")
+    return blocks
 
 
 class ModelRunner:

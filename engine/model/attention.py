@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.batch import AttentionMeta, ForwardContext
 from engine.config import ModelConfig
@@ -22,6 +23,10 @@ from engine.model.layers import RMSNorm, apply_rope
 from engine.model.lora_linear import LoraLinear
 
 logger = logging.getLogger(__name__)
+
+# cuDNN's SDPA builds an execution plan for every new shape, and decode grows the context by a
+# token every step; the flash / memory-efficient kernels need no plan.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -136,5 +141,6 @@ class Attention(nn.Module):
         q, k, v = self._project(x, ctx)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         write_kv(self.k_cache, self.v_cache, k, v, ctx.attn.slot_mapping)
-        out = paged_attention(q, self.k_cache, self.v_cache, ctx.attn, self.scale)
+        with sdpa_kernel(_SDPA_BACKENDS):
+            out = paged_attention(q, self.k_cache, self.v_cache, ctx.attn, self.scale)
         return self.o_proj(out.flatten(1), ctx.lora)
