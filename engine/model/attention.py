@@ -53,14 +53,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One query per sequence (a decode-only step), all sequences in one batched SDPA call.
 
     q [B, N, D] -> [B, N, D]; K/V gathered through the block tables [B, W] to [B, G, W*bs, D]
-    and masked past each sequence's length.
+    and masked past each sequence's length. The N/G query heads that share a KV head ride as
+    N/G query rows of that head, so no K/V is repeated and the masked memory-efficient kernel
+    applies (SDPA's enable_gqa with a mask falls back to the slow math path).
     """
+    num_seqs, num_heads, head_dim = q.shape
     k = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)  # [B, G, L, D]
     v = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
     visible = torch.arange(k.shape[2], device=q.device)[None, :] < meta.seq_lens[:, None]
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=visible[:, None, None],
-                                         scale=scale, enable_gqa=True)
-    return out[:, :, 0, :]
+    q = q.view(num_seqs, k.shape[1], num_heads // k.shape[1], head_dim)  # [B, G, N/G, D]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None], scale=scale)
+    return out.reshape(num_seqs, num_heads, head_dim)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
