@@ -174,7 +174,7 @@ class CacheConfig:
     block_size: int = 16
     # None: size the KV cache from free memory (CUDA) or kv_cache_memory_gb (CPU)
     num_blocks: int | None = None
-    kv_cache_memory_gb: float = 1.0  # used on CPU, and as a cap when num_blocks is None
+    kv_cache_memory_gb: float = 1.0  # CPU budget; CUDA uses gpu_memory_utilization instead
     gpu_memory_utilization: float = 0.9
 
 

@@ -83,7 +83,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-kv-blocks", type=_positive_int, default=None,
                    help="fixed number of KV blocks (default: sized from memory)")
     g.add_argument("--kv-cache-memory-gb", type=float, default=1.0,
-                   help="KV-cache memory on CPU, and its cap on CUDA (default 1.0)")
+                   help="KV-cache memory on CPU (default 1.0); on CUDA the cache takes what "
+                        "--gpu-memory-utilization leaves after the weights")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory the engine may use (default 0.9)")
 
