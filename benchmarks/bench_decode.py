@@ -1,20 +1,22 @@
 """Offline decode throughput of a Qwen3-30B-A3B-shaped model with dummy weights.
 
-    python benchmarks/bench_decode.py --layers 12 --concurrency 1 16 64 [--lora]
+    python benchmarks/bench_decode.py --layers 12 --concurrency 1 16 64 [--lora] [--enforce-eager]
 
 Builds config.json for the real architecture (hidden 2048, 128 experts, top-8, expert
 intermediate 768, 32 query / 4 KV heads of 128, vocab 151936) with fewer layers, loads random
 weights (--load-format dummy), submits N requests with 128-token random prompts and
 --max-tokens output tokens each (ignore_eos), and reports decode tokens/s: tokens generated
 after every request has its first token, over the time that took. Each concurrency level is
-run once untimed first, so Triton compilation for its shapes stays out of the numbers. With --lora the requests
-cycle over base, a random 2D adapter and a random 3D adapter (rank 16, attention + experts).
+run once untimed first, so Triton compilation for its shapes stays out of the numbers. With
+--lora the requests cycle over base, a random 2D adapter and a random 3D adapter (rank 16,
+attention + experts). Decode steps replay CUDA graphs unless --enforce-eager.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import tempfile
 import time
@@ -84,12 +86,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="capture no CUDA graphs: every step launches its kernels")
     parser.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the runs, profile N decode steps at the largest concurrency "
                              "and print the ops that took the most host and device time")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     root = Path(tempfile.mkdtemp())
     config = {**QWEN3_30B_A3B, "num_hidden_layers": args.layers}
     (root / "model").mkdir()
@@ -100,7 +105,8 @@ def main() -> None:
             write_random_adapter(root / layout, config, layout=layout, seed=i, rank=16, alpha=32)
             loras.append(LoRARequest(f"bench-{layout}", i + 1, str(root / layout)))
     llm = LLM(str(root / "model"), load_format="dummy", dtype="bfloat16",
-              kernel_backend=args.kernel_backend, max_num_seqs=max(args.concurrency),
+              kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
+              max_num_seqs=max(args.concurrency),
               max_num_batched_tokens=8192, max_model_len=4096,
               **({"max_loras": 4, "max_lora_rank": 16, "enable_mixed_moe_lora_format": True}
                  if args.lora else {}))
@@ -111,7 +117,8 @@ def main() -> None:
     if args.profile:
         profile(llm, max(args.concurrency), args.profile, loras)
     summary = {"gpu": torch.cuda.get_device_name(), "layers": args.layers, "lora": args.lora,
-               "kernel_backend": args.kernel_backend, "results": results}
+               "kernel_backend": args.kernel_backend, "enforce_eager": args.enforce_eager,
+               "results": results}
     text = json.dumps(summary, indent=1)
     if args.out:
         args.out.write_text(text)

@@ -20,6 +20,8 @@ class AttentionMeta:
       seq_lens     = [3, 6]             # [B] int32 context length including this step's tokens
       block_tables = [[7, 0], [2, 9]]   # [B, max_blocks] int32, padded with 0
       query_lens_host, seq_lens_host    # the same as Python lists (the torch path loops on host)
+    A CUDA-graph step pads B to its bucket with rows of seq_len 0 whose token writes its K/V to
+    a scratch slot; block_tables is then [B, ceil(max_model_len / block_size)].
     """
 
     slot_mapping: torch.Tensor
@@ -28,6 +30,11 @@ class AttentionMeta:
     block_tables: torch.Tensor
     query_lens_host: list[int]
     seq_lens_host: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        """One query token per sequence: the batched decode kernel applies."""
+        return max(self.query_lens_host) == 1
 
 
 @dataclass(slots=True)

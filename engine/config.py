@@ -212,6 +212,9 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights of the real architecture
     seed: int = 0
     kernel_backend: str = "auto"
+    # True: never capture CUDA graphs. False: on CUDA with the Triton backend, decode-only
+    # steps replay one graph per batch bucket (a decode step is otherwise launch-bound)
+    enforce_eager: bool = False
     tokenizer: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -60,9 +60,12 @@ class EngineCore:
         num_blocks = choose_num_blocks(self.model_config, config.cache, self.dtype, self.device,
                                        self.max_model_len, sched.max_num_seqs)
         self.allocator = BlockAllocator(num_blocks, config.cache.block_size)
+        cuda_graphs = (self.device.type == "cuda" and ops.CUDA_GRAPH_SAFE
+                       and not config.enforce_eager)
         self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks,
                                   sched.max_num_batched_tokens, sched.max_num_seqs,
-                                  self.max_model_len, num_slots, self.device, self.dtype)
+                                  self.max_model_len, num_slots, self.device, self.dtype,
+                                  cuda_graphs)
         self.lora = (LoraManager(lora, self.model_config, self.model, self.native_layout)
                      if lora.enabled else None)
         self.scheduler = Scheduler(sched, self.allocator, self.lora)

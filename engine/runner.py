@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 
 import torch
 
 from engine.batch import AttentionMeta, ForwardContext
 from engine.config import CacheConfig, ModelConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.errors import ModelLoadError
 from engine.sampler import SampleResult, Sampler
 from engine.scheduler import Batch
@@ -48,27 +51,50 @@ class ModelRunner:
 
     Step inputs are written into buffers preallocated for the largest step (max tokens, max
     sequences), so a step allocates no device memory and its tensors have fixed addresses.
+    With cuda_graphs, decode-only steps replay graphs that read those buffers (cuda_graphs.py).
     """
 
     def __init__(self, model, model_config: ModelConfig, cache: CacheConfig, num_blocks: int,
                  max_tokens: int, max_seqs: int, max_model_len: int, num_slots: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, cuda_graphs: bool = False) -> None:
         self.model = model
         self.device = device
         self.block_size = cache.block_size
         self.num_slots = num_slots
         layers, kv_heads, head_dim = model.kv_cache_spec()
-        shape = (num_blocks, cache.block_size, kv_heads, head_dim)
+        # one block past the allocator's: CUDA-graph padding rows write their K/V into it
+        shape = (num_blocks + 1, cache.block_size, kv_heads, head_dim)
+        self.scratch_slot = num_blocks * cache.block_size
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         model.bind_kv_cache(self.k_caches, self.v_caches)
-        max_blocks = -(-max_model_len // cache.block_size)
+        self.max_blocks = -(-max_model_len // cache.block_size)
         self.pinned = device.type == "cuda"
-        self._host = self._buffers(max_tokens, max_seqs, max_blocks, "cpu")
-        self._dev = self._buffers(max_tokens, max_seqs, max_blocks, device)
+        self._host = self._buffers(max_tokens, max_seqs, self.max_blocks, "cpu")
+        self._dev = self._buffers(max_tokens, max_seqs, self.max_blocks, device)
         self.sampler = Sampler()
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cache.block_size,
                     2 * layers * torch.zeros(shape, dtype=dtype, device="meta").nbytes / 2**30)
+        self.graphs = self._capture_graphs(min(max_seqs, max_tokens)) if cuda_graphs else None
+
+    @torch.inference_mode()
+    def _capture_graphs(self, max_batch: int) -> DecodeGraphs:
+        """One decode graph per batch bucket, from all-padding inputs, LoRA on when enabled."""
+        start = time.perf_counter()
+        graphs = DecodeGraphs(max_batch, self.device)
+        for bucket in reversed(graphs.buckets):
+            ctx, input_ids, _ = self._prepare(Batch([]), bucket)
+            if self.num_slots:
+                slots = [i % self.num_slots for i in range(bucket)]
+                ctx.lora = LoraMeta.build(slots, self.num_slots, self.device)
+            graphs.capture(bucket, functools.partial(self._all_logits, input_ids, ctx), ctx.lora)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
+                    len(graphs.buckets), graphs.buckets, time.perf_counter() - start)
+        return graphs
+
+    def _all_logits(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """logits [T, V] of every row: what a decode graph computes."""
+        return self.model.compute_logits(self.model(input_ids, ctx))
 
     def _buffers(self, max_tokens: int, max_seqs: int, max_blocks: int, device) -> dict:
         pin = self.pinned and device == "cpu"
@@ -87,19 +113,27 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> SampleResult | None:
         """Run one step; returns the sampled tokens of the sequences that sample, in order."""
-        ctx, input_ids, rows = self._prepare(batch)
-        hidden = self.model(input_ids, ctx)
+        bucket = None if self.graphs is None else self.graphs.bucket(batch)
+        ctx, input_ids, rows = self._prepare(batch, bucket)
+        if bucket is None:
+            out = self.model(input_ids, ctx)  # hidden states [T, H]
+        else:
+            out = self.graphs.replay(bucket, ctx.lora)  # logits [bucket, V]
         if not rows:  # no host sync this step: wait before the input buffers are rewritten
             if self.pinned:
                 torch.cuda.synchronize(self.device)
             return None
-        logits = self.model.compute_logits(hidden[self._dev["logits_rows"][: len(rows)]])
+        out = out[self._dev["logits_rows"][: len(rows)]]
+        logits = self.model.compute_logits(out) if bucket is None else out
         sampling = [item.seq for item in batch.items if item.samples]
         return self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])
 
-    def _prepare(self, batch: Batch) -> tuple[ForwardContext, torch.Tensor, list[int]]:
+    def _prepare(self, batch: Batch, bucket: int | None = None,
+                 ) -> tuple[ForwardContext, torch.Tensor, list[int]]:
+        """Write the step's inputs into the device buffers; with a bucket, pad to that many
+        one-token rows and use full-width block tables (the shapes a decode graph holds)."""
         ids, pos, slots, token_slot, rows = [], [], [], [], []
-        query_start, seq_lens, tables = [0], [], []
+        query_start, query_lens, seq_lens, tables = [0], [], [], []
         bs = self.block_size
         for item in batch.items:
             seq, start = item.seq, item.seq.num_computed
@@ -109,31 +143,46 @@ class ModelRunner:
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, stop)]
             token_slot += [seq.slot] * item.num_tokens
             query_start.append(query_start[-1] + item.num_tokens)
+            query_lens.append(item.num_tokens)
             seq_lens.append(stop)
             tables.append(seq.block_table)
             if item.samples:
                 rows.append(query_start[-1] - 1)
-        num_tokens, num_seqs = len(ids), len(batch.items)
+        for _ in range(len(batch.items), bucket or 0):  # padding rows of a graph step
+            ids.append(0)
+            pos.append(0)
+            slots.append(self.scratch_slot)
+            token_slot.append(-1)
+            query_start.append(query_start[-1] + 1)
+            query_lens.append(1)
+            seq_lens.append(0)
+            tables.append([])
+        num_tokens, num_seqs = len(ids), len(seq_lens)
         self._fill("input_ids", ids)
         self._fill("positions", pos)
         self._fill("slot_mapping", slots)
         self._fill("query_start", query_start)
         self._fill("seq_lens", seq_lens)
         self._fill("logits_rows", rows)
-        width = max(len(t) for t in tables)
-        host_tables = self._host["block_tables"][:num_seqs, :width]
-        host_tables.zero_()
-        for i, table in enumerate(tables):
-            host_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        dev_tables = self._dev["block_tables"][:num_seqs, :width]
-        dev_tables.copy_(host_tables, non_blocking=True)
+        width = self.max_blocks if bucket else max(len(t) for t in tables)
         d = self._dev
         attn = AttentionMeta(d["slot_mapping"][:num_tokens], d["query_start"][: num_seqs + 1],
-                             d["seq_lens"][:num_seqs], dev_tables,
-                             [item.num_tokens for item in batch.items], seq_lens)
+                             d["seq_lens"][:num_seqs], self._fill_tables(tables, width),
+                             query_lens, seq_lens)
         lora = LoraMeta.build(token_slot, self.num_slots, self.device) if self.num_slots else None
         ctx = ForwardContext(d["positions"][:num_tokens], attn, lora)
         return ctx, d["input_ids"][:num_tokens], rows
+
+    def _fill_tables(self, tables: list[list[int]], width: int) -> torch.Tensor:
+        """Block tables [B, width] int32 on the device, padded with block 0."""
+        host_tables = self._host["block_tables"][: len(tables), :width]
+        host_tables.zero_()
+        for i, table in enumerate(tables):
+            if table:
+                host_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        dev_tables = self._dev["block_tables"][: len(tables), :width]
+        dev_tables.copy_(host_tables, non_blocking=True)
+        return dev_tables
 
     def _fill(self, name: str, values: list[int]) -> None:
         n = len(values)

@@ -13,7 +13,8 @@ __all__ = ["LoraMeta", "MoeLora", "select_ops"]
 
 
 def select_ops(device: torch.device, backend: str = "auto") -> ModuleType:
-    """The op module the engine uses: `lora_delta` and `fused_experts` with the twins' signatures.
+    """The op module the engine uses: `lora_delta`, `fused_experts` and `paged_decode_attention`
+    with the twins' signatures, and CUDA_GRAPH_SAFE (whether a CUDA graph may capture them).
 
     backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
     """

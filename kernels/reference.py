@@ -4,6 +4,7 @@ Shape letters: T tokens, D_in/D_out around a linear, S adapter slots, R the slot
 (--max-lora-rank), E experts, K top-k, H hidden, I expert intermediate size.
 LoRA scale (alpha/r or alpha/sqrt(r)) is folded into B when an adapter is written to a slot,
 so no op takes a scale. Ranks below R are zero-padded, which adds nothing.
+Attention letters: B sequences, N/G query/KV heads, D head dim, W block-table width.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.meta import LoraMeta
+
+# The twins read device values on the host (unique, nonzero), so a CUDA graph cannot hold them.
+CUDA_GRAPH_SAFE = False
 
 
 class MoeLora(NamedTuple):
@@ -146,3 +150,41 @@ def fused_experts(
             down[has] += _down_lora(act[has], lora, slots[has], e).to(down.dtype)
         out.index_add_(0, tok, down * topk_weights[tok, pos, None])
     return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one query token per sequence over its first seq_len cached positions.
+
+    Semantics:
+        bs = block_size; g(h) = h // (N / G); L = seq_lens[b]
+        for b, h: for j < L: K[j] = k_cache[block_tables[b, j // bs], j % bs, g(h)]  (V alike)
+                  out[b, h] = softmax(scale * K @ q[b, h]) @ V       (zeros when L == 0)
+    Args:
+        q:            [B, N, D]      one query per sequence
+        k_cache:      [num_blocks, block_size, G, D], v_cache alike
+        block_tables: [B, W] int32   block ids (every entry must be a valid block)
+        seq_lens:     [B] int32      context length including this step's token (0: padding)
+        scale:        softmax scale
+    Returns:
+        [B, N, D] in q.dtype
+
+    All sequences go through one SDPA call: K/V are gathered through the whole tables to
+    [B, G, W*bs, D] and masked past each length. The N/G query heads of a KV head ride as N/G
+    query rows of that head, so no K/V is repeated and the masked memory-efficient kernel
+    applies (SDPA's enable_gqa with a mask falls back to the slow math path).
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    k = k_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)  # [B, G, L, D]
+    v = v_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)
+    visible = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]  # [B, L]
+    q = q.reshape(num_seqs, k.shape[1], num_heads // k.shape[1], head_dim)  # [B, G, N/G, D]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None], scale=scale)
+    out = out.reshape(num_seqs, num_heads, head_dim)
+    return out.masked_fill((seq_lens == 0)[:, None, None], 0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.attention import paged_decode_attention
 from kernels.lora import lora_delta
 from kernels.meta import LoraMeta
 from kernels.moe import gemm_config, moe_gemm
@@ -16,7 +17,10 @@ from kernels.moe_align import moe_align, needs_alignment
 from kernels.moe_lora import moe_lora_delta
 from kernels.reference import MoeLora
 
-__all__ = ["fused_experts", "lora_delta"]
+__all__ = ["fused_experts", "lora_delta", "paged_decode_attention"]
+
+# Every op launches a fixed grid and reads no device value on the host: CUDA graphs may hold them.
+CUDA_GRAPH_SAFE = True
 
 
 def fused_experts(

@@ -1,9 +1,11 @@
-"""Self-attention over a paged KV cache, in plain torch (CPU and CUDA).
+"""Self-attention over a paged KV cache (CPU and CUDA).
 
 Each step writes the new tokens' K/V into the cache at `slot_mapping`, then every sequence's
 queries (the last q_len positions of a seq_len context) attend over the K/V gathered from its
-block table. Causal masking is bottom-right aligned, which covers prefill, chunked prefill and
-decode alike. GQA: query head h reads KV head h // (num_heads // num_kv_heads).
+block table. Decode-only steps (one query per sequence) go to ops.paged_decode_attention (a
+Triton kernel, or its torch twin); steps with prefill loop over sequences here, in torch,
+with causal masking bottom-right aligned (prefill, chunked prefill and decode alike).
+GQA: query head h reads KV head h // (num_heads // num_kv_heads).
 Shape letters: T tokens, N query heads, G KV heads, D head dim, L context length.
 """
 
@@ -48,32 +50,10 @@ def _causal_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor
     return torch.arange(seq_len, device=device)[None, :] <= q_pos[:, None]
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     meta: AttentionMeta, scale: float) -> torch.Tensor:
-    """One query per sequence (a decode-only step), all sequences in one batched SDPA call.
-
-    q [B, N, D] -> [B, N, D]; K/V gathered through the block tables [B, W] to [B, G, W*bs, D]
-    and masked past each sequence's length. The N/G query heads that share a KV head ride as
-    N/G query rows of that head, so no K/V is repeated and the masked memory-efficient kernel
-    applies (SDPA's enable_gqa with a mask falls back to the slow math path).
-    """
-    num_seqs, num_heads, head_dim = q.shape
-    k = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)  # [B, G, L, D]
-    v = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
-    visible = torch.arange(k.shape[2], device=q.device)[None, :] < meta.seq_lens[:, None]
-    q = q.view(num_seqs, k.shape[1], num_heads // k.shape[1], head_dim)  # [B, G, N/G, D]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None], scale=scale)
-    return out.reshape(num_seqs, num_heads, head_dim)
-
-
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMeta, scale: float) -> torch.Tensor:
-    """q [T, N, D] -> [T, N, D], each sequence over its cached context.
-
-    Decode-only steps take the batched path; steps with prefill loop over sequences on host.
-    """
-    if len(meta.query_lens_host) > 1 and max(meta.query_lens_host) == 1:
-        return decode_attention(q, k_cache, v_cache, meta, scale)
+    """q [T, N, D] -> [T, N, D], each sequence over its cached context, one SDPA call per
+    sequence (the path of steps with prefill; decode-only steps use ops.paged_decode_attention)."""
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
     start = 0
@@ -105,6 +85,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.head_dim ** -0.5
         self.clip = config.clip_qkv
+        self.ops = ops
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         p = f"layers.{layer}.self_attn."
         kw = {"ops": ops, "max_loras": max_loras, "max_rank": max_rank, "dtype": dtype,
@@ -143,7 +124,12 @@ class Attention(nn.Module):
         """x [T, H] -> [T, H]; writes this step's K/V into the bound cache."""
         q, k, v = self._project(x, ctx)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        write_kv(self.k_cache, self.v_cache, k, v, ctx.attn.slot_mapping)
+        attn = ctx.attn
+        write_kv(self.k_cache, self.v_cache, k, v, attn.slot_mapping)
         with sdpa_kernel(_SDPA_BACKENDS):
-            out = paged_attention(q, self.k_cache, self.v_cache, ctx.attn, self.scale)
+            if attn.is_decode:
+                out = self.ops.paged_decode_attention(q, self.k_cache, self.v_cache,
+                                                      attn.block_tables, attn.seq_lens, self.scale)
+            else:
+                out = paged_attention(q, self.k_cache, self.v_cache, attn, self.scale)
         return self.o_proj(out.flatten(1), ctx.lora)
