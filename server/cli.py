@@ -69,6 +69,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"],
                    help="LoRA/MoE ops: Triton kernels or their torch twins (auto: Triton on "
                         "CUDA, torch elsewhere)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="never capture CUDA graphs (by default decode steps replay graphs "
+                        "captured at start-up on CUDA with the Triton kernels)")
     g.add_argument("--tokenizer", default=None, help="tokenizer path (default: MODEL)")
     g.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
     g.add_argument("--max-model-len", type=_positive_int, default=None,
@@ -145,7 +148,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         host=args.host, port=args.port, log_level=args.log_level,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         dtype=args.dtype, device=args.device, load_format=args.load_format,
-        kernel_backend=args.kernel_backend,
+        kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
         tokenizer=args.tokenizer, seed=args.seed, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,

@@ -63,6 +63,7 @@ class Settings:
     device: str = "auto"
     load_format: str = "auto"
     kernel_backend: str = "auto"
+    enforce_eager: bool = False
     tokenizer: str | None = None
     seed: int = 0
     max_model_len: int | None = None
@@ -104,7 +105,7 @@ class Settings:
             return EngineConfig(
                 model=self.model, dtype=self.dtype, device=self.device,
                 load_format=self.load_format, kernel_backend=self.kernel_backend,
-                seed=self.seed, tokenizer=self.tokenizer,
+                enforce_eager=self.enforce_eager, seed=self.seed, tokenizer=self.tokenizer,
                 cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
                                   kv_cache_memory_gb=self.kv_cache_memory_gb,
                                   gpu_memory_utilization=self.gpu_memory_utilization),
