@@ -83,18 +83,10 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its first seq_len cached positions.
 
-    Semantics:
-        bs = block_size; g(h) = h // (N / G); L = seq_lens[b]
-        for b, h: for j < L: K[j] = k_cache[block_tables[b, j // bs], j % bs, g(h)]  (V alike)
-                  out[b, h] = softmax(scale * K @ q[b, h]) @ V       (zeros when L == 0)
-    Args:
-        q:            [B, N, D]      one query per sequence (last dim contiguous)
-        k_cache:      [num_blocks, block_size, G, D]  (last dim contiguous), v_cache alike
-        block_tables: [B, W] int32   block ids; entries past a sequence's blocks are not read
-        seq_lens:     [B] int32      context length including this step's token (0: padding)
-        scale:        softmax scale, usually D ** -0.5
-    Returns:
-        [B, N, D] in q.dtype
+    The Triton version of kernels.reference.paged_decode_attention: same Semantics and shapes.
+    Here also: the last dims of q and the caches are contiguous; block-table entries past a
+    sequence's blocks are never read. One program per (sequence, KV head) walks the blocks with
+    an online softmax in fp32.
     """
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape

@@ -110,21 +110,9 @@ def lora_delta(
 ) -> None:
     """Add the LoRA delta of every token's adapter slot to a (possibly multi-slice) linear.
 
-    Semantics:
-        R = b.shape[2]; o_j = sum(out_splits[:j])
-        for t in range(T):
-            s = meta.token_slot[t]
-            if s < 0: continue
-            h = x[t] @ a[s].T                                       # [n*R]
-            for j in range(n):
-                y[t, o_j:o_j+out_splits[j]] += h[j*R:(j+1)*R] @ b[s, o_j:o_j+out_splits[j]].T
-    Args:
-        y:    [T, D_out]       base linear output, updated in place (last dim contiguous)
-        x:    [T, D_in]        activations (last dim contiguous)
-        a:    [S, n*R, D_in]   one R-block of A per output slice (q/k/v, gate/up), contiguous
-        b:    [S, D_out, R]    contiguous, same dtype as x
-        meta: LoraMeta         sorted_tokens / slot_start group the tokens by slot
-        out_splits: n <= 4 slice widths summing to D_out
+    The Triton version of kernels.reference.lora_delta: same Semantics and shapes. Here also:
+    the last dims of x and y, and a and b, are contiguous; x, a and b share a dtype; at most 4
+    output slices; meta.sorted_tokens / slot_start group the tokens by slot.
     """
     if meta.has_lora:
         launch_lora_delta(y, x, a, b, meta, out_splits, delta_config(x, b, out_splits))

@@ -34,22 +34,9 @@ def fused_experts(
 ) -> torch.Tensor:
     """Routed SiLU-gated experts with per-token MoE-LoRA, summed over top-k.
 
-    Semantics:
-        for t, k: e = topk_ids[t, k]; s = token_slot[t]
-            gu = x[t] @ w_gate_up[e].T                                     # [2I]
-            if s >= 0: gu[:I] += (x[t] @ A_gu[s, e, 0:R].T) @ B_gu[s, e, :I].T
-                       gu[I:] += (x[t] @ A_gu[s, e, u*R:(u+1)*R].T) @ B_gu[s, e, I:].T
-                                                                   (u = up_block[s])
-            act = silu(gu[:I]) * gu[I:]                                    # [I]
-            d = act @ w_down[e].T
-            if s >= 0: d += (act @ A_down[s, e].T) @ B_down[s, e].T
-            out[t] += topk_weights[t, k] * d
-    Args:
-        x: [T, H]; w_gate_up: [E, 2I, H] (gate rows then up rows); w_down: [E, H, I]
-        topk_weights: [T, K] (x.dtype); topk_ids: [T, K] int
-        lora: MoeLora slot buffers or None; meta: LoraMeta or None
-    Returns:
-        [T, H] in x.dtype
+    The Triton version of kernels.reference.fused_experts: same Semantics, Args and Returns.
+    Pairs (token, k) are aligned by expert (or one per block at small T), the gate_up GEMM adds
+    the MoE-LoRA delta before SiLU*up, the down GEMM adds its delta and the routing weight.
     """
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w_gate_up.shape
