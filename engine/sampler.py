@@ -51,10 +51,10 @@ class Sampler:
             if not p.is_greedy:
                 chosen[row] = _draw(_filter(logits[row], p), gen)
         token_ids = chosen.tolist()
-        return SampleResult(token_ids, self._logprobs(logits, chosen, params))
+        return SampleResult(token_ids, self._logprobs(logits, chosen, token_ids, params))
 
     @staticmethod
-    def _logprobs(logits: torch.Tensor, chosen: torch.Tensor,
+    def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, token_ids: list[int],
                   params: list[SamplingParams]) -> list[TokenLogprob | None]:
         """Log-probabilities of the model's distribution (before sampling filters), as vLLM."""
         want = [p.logprobs for p in params]
@@ -72,5 +72,5 @@ class Sampler:
                 out.append(None)
                 continue
             top = list(zip(top_i[row][:k], top_v[row][:k])) if k else []
-            out.append(TokenLogprob(int(chosen[row]), chosen_lp[row], top))
+            out.append(TokenLogprob(token_ids[row], chosen_lp[row], top))
         return out
