@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 from pathlib import Path
 
 import peft
@@ -23,14 +22,6 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_MLP = ("w1", "w3", "w2")  # gate, up, down
 EXPERTS_3D = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 PREFIX = "base_model.model."
-
-BAD_KINDS = (
-    "not_an_adapter", "invalid_json", "no_weights", "truncated_safetensors",
-    "corrupt_safetensors", "nan_weights", "inf_weights", "use_dora", "modules_to_save", "bias",
-    "missing_lora_b", "unknown_module", "non_lora_key", "unsupported_target_parameter",
-    "wrong_hidden_size", "wrong_num_experts", "wrong_intermediate_size", "rank_mismatch",
-    "rank_too_high",
-)
 
 _2D_EXPERT = re.compile(r"^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)$")
 _3D_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)(\.base_layer)?$")
@@ -170,21 +161,6 @@ def save_as_bin(src_dir, dst_dir) -> Path:
     return dst_dir
 
 
-def write_bad_adapter(kind: str, good_dir, dst_dir) -> Path:
-    """A copy of a good adapter (2D or 3D) broken in one way, `kind` from BAD_KINDS."""
-    dst_dir = Path(dst_dir)
-    shutil.copytree(good_dir, dst_dir)
-    if kind in _FILE_BREAKERS:
-        _FILE_BREAKERS[kind](dst_dir / "adapter_model.safetensors", dst_dir / "adapter_config.json")
-        return dst_dir
-    config, tensors = read_adapter_files(dst_dir)
-    if kind in _CONFIG_BREAKERS:
-        config = {**config, **_CONFIG_BREAKERS[kind](config)}
-    else:
-        tensors = _TENSOR_BREAKERS[kind](config, tensors)
-    return _write(dst_dir, config, tensors)
-
-
 # --- internals -----------------------------------------------------------------------------
 
 def _random(shape: tuple[int, ...], is_a: bool, generator: torch.Generator) -> torch.Tensor:
@@ -283,101 +259,3 @@ def _fold(params: dict, config: dict, module: str, a, b) -> None:
         params[name] += scale * b_e @ a_e
     else:
         params[f"{module}.weight"] += _rank_scale(config, module)[1] * b @ a
-
-
-def _first_key(tensors: dict, *fragments: str) -> str:
-    return next(k for k in tensors if any(f in k for f in fragments))
-
-
-def _resize(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """Cut or zero-pad one dimension to `size`."""
-    if size <= tensor.shape[dim]:
-        return tensor.narrow(dim, 0, size).clone()
-    pad = list(tensor.shape)
-    pad[dim] = size - tensor.shape[dim]
-    return torch.cat([tensor, torch.zeros(pad)], dim)
-
-
-def _poison(value: float):
-    def breaker(config, tensors):
-        key = _first_key(tensors, "lora_B")
-        tensors[key] = tensors[key].clone()
-        tensors[key][0, 0] = value
-        return tensors
-    return breaker
-
-
-def _drop_expert(config, tensors):
-    """3D: one expert fewer in every fused pair; 2D: an extra expert beyond the model's."""
-    for module, (a, b) in _pairs(tensors).items():
-        if (name := _fused_name(config, module)) is not None:
-            a_e, b_e = unfold_3d(a, b, _rank_alpha(config, name)[0])
-            tensors.update(_pair_tensors(module, *fold_3d(a_e[:-1], b_e[:-1])))
-        elif match := _2D_EXPERT.match(module):
-            extra = module.replace(f".experts.{match[2]}.", ".experts.64.")
-            tensors.update(_pair_tensors(extra, a, b))
-    return tensors
-
-
-def _wrong_intermediate(config, tensors):
-    key = _first_key(tensors, "experts.lora_A", "down_proj.lora_A", "w2.lora_A")
-    tensors[key] = _resize(tensors[key], 1, tensors[key].shape[1] + 4)
-    return tensors
-
-
-def _rank_too_high(config, tensors, rank: int = 64):
-    """Every pair zero-padded to rank 64 (same deltas), r = 64 in the config (no rank_pattern)."""
-    for module, (a, b) in _pairs(tensors).items():
-        if _fused_name(config, module) is None:
-            tensors.update(_pair_tensors(module, _resize(a, 0, rank), _resize(b, 1, rank)))
-            continue
-        a_e, b_e = unfold_3d(a, b, config["r"])
-        a, b = fold_3d(_resize(a_e, 1, rank), _resize(b_e, 2, rank))
-        tensors.update(_pair_tensors(module, a, b))
-    config["r"] = rank
-    return tensors
-
-
-def _drop_lora_b(config, tensors):
-    del tensors[_first_key(tensors, "lora_B")]
-    return tensors
-
-
-def _add_pair(source: str, target: str):
-    def breaker(config, tensors):
-        a, b = _pairs(tensors)[next(m for m in _pairs(tensors) if m.endswith(source))]
-        tensors.update(_pair_tensors(target, a, b))
-        return tensors
-    return breaker
-
-
-_FILE_BREAKERS = {
-    "not_an_adapter": lambda weights, config: config.unlink(),
-    "invalid_json": lambda weights, config: config.write_text(config.read_text()[:-20]),
-    "no_weights": lambda weights, config: weights.unlink(),
-    "truncated_safetensors": lambda weights, config: weights.write_bytes(
-        weights.read_bytes()[:-100]),
-    "corrupt_safetensors": lambda weights, config: weights.write_bytes(
-        b"\x10\x00\x00\x00" + b"not json" * 8),
-}
-_CONFIG_BREAKERS = {
-    "use_dora": lambda config: {"use_dora": True},
-    "modules_to_save": lambda config: {"modules_to_save": ["lm_head"]},
-    "bias": lambda config: {"bias": "all"},
-    "unsupported_target_parameter": lambda config: {
-        "target_parameters": [*(config.get("target_parameters") or ()), "mlp.gate.weight"]},
-    "rank_mismatch": lambda config: {"r": config["r"] * 2},
-}
-_TENSOR_BREAKERS = {
-    "nan_weights": _poison(float("nan")),
-    "inf_weights": _poison(float("inf")),
-    "missing_lora_b": _drop_lora_b,
-    "unknown_module": _add_pair("layers.0.self_attn.q_proj", "model.layers.99.self_attn.q_proj"),
-    "non_lora_key": lambda config, t: {**t, f"{PREFIX}model.embed_tokens.lora_embedding_A":
-                                       torch.zeros(4, 512)},
-    "wrong_hidden_size": lambda config, t: {**t, (k := _first_key(t, "q_proj.lora_A")):
-                                            _resize(t[k], 1, t[k].shape[1] + 8)},
-    "wrong_num_experts": _drop_expert,
-    "wrong_intermediate_size": _wrong_intermediate,
-    "rank_too_high": _rank_too_high,
-}

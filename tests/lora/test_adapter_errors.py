@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from engine.errors import AdapterLoadError, AdapterNotFound
 from engine.lora.adapter import read_adapter
-from tests.adapters import (BAD_KINDS, make_2d_adapter, make_peft_3d_adapter,
-                            write_bad_adapter, write_transposed_vintage)
+from tests.adapters import make_2d_adapter, make_peft_3d_adapter, write_transposed_vintage
+from tests.bad_adapters import BAD_KINDS, write_bad_adapter
 from tests.lora.helpers import tiny
 
 KEY = r"base_model\.model\.model\.layers\.0\."

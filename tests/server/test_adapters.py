@@ -8,13 +8,8 @@ import time
 import openai
 import pytest
 
-from tests.adapters import (
-    BAD_KINDS,
-    make_2d_adapter,
-    make_peft_3d_adapter,
-    split_3d_to_2d,
-    write_bad_adapter,
-)
+from tests.adapters import make_2d_adapter, make_peft_3d_adapter, split_3d_to_2d
+from tests.bad_adapters import BAD_KINDS, write_bad_adapter
 
 PROMPT = "the expert adapter"
 NO_EOS = {"extra_body": {"ignore_eos": True}}

@@ -8,7 +8,7 @@ import pytest
 
 from server.cli import build_parser, main, settings_from_args
 from server.settings import LoraModule, SettingsError, parse_lora_module
-from tests.adapters import write_bad_adapter
+from tests.bad_adapters import write_bad_adapter
 from tests.server.conftest import run_cli
 
 VLLM_FLAGS = ("--host", "--port", "--served-model-name", "--dtype", "--device",
