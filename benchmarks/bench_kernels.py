@@ -1,6 +1,6 @@
 """Kernel benchmarks on one GPU: fused MoE, MoE-LoRA and dense LoRA against the memory roofline.
 
-    python3 benchmarks/bench_kernels.py [--sweep] [--sweep-gemm] [--out results.json]
+    python3 benchmarks/bench_kernels.py [--sweep] [--sweep-gemm] [--moe-lora] [--out results.json]
 
 bf16; cold-L2 CUDA-graph timing (benchmarks/_timing.py); x ~ N(0, 1), weights and A ~ N(0, 1/in),
 B ~ N(0, 1/r); tokens given to adapters in contiguous request segments; routing = top-8 of the
@@ -136,6 +136,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="first tune the LoRA kernels' launch knobs (kept for the tables)")
     parser.add_argument("--sweep-gemm", action="store_true", help="time base GEMM configs")
+    parser.add_argument("--moe-lora", action="store_true",
+                        help="only the Qwen3-30B-A3B rank-16 MoE rows (16 adapters at 1-256 "
+                             "tokens, 64 adapters at 1024), without the twin")
     parser.add_argument("--out", type=Path, help="write all rows as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -149,6 +152,10 @@ def main() -> None:
                      naive_pairs_per_group=moe_lora.NAIVE_PAIRS_PER_GROUP))
     print(rows[-1], flush=True)
     cases = [(moe_case, case) for case in MOE_CASES] + [(dense_case, case) for case in DENSE_CASES]
+    if args.moe_lora:
+        cases = [(moe_case, (*case[:4], False)) for case in MOE_CASES
+                 if case[0] == "qwen3-30b-a3b" and case[3] == 16
+                 and (case[1], case[2]) != (1024, 16)]
     for fn, case in cases:
         try:
             rows.append(fn(*case))
