@@ -129,6 +129,22 @@ def gemm_sweep(randn, routing, shape) -> list[dict]:
     return rows
 
 
+def segment_slots(num_tokens: int, num_adapters: int) -> list[int]:
+    """Contiguous request segments, one per adapter (as many as tokens allow)."""
+    segments = min(num_tokens, num_adapters)
+    return [t * segments // num_tokens for t in range(num_tokens)]
+
+
+def random_moe_lora(randn, adapters: int, experts: int, hidden: int, inter: int, rank: int,
+                    device) -> MoeLora:
+    """MoE-LoRA slot buffers with A ~ N(0, 1/in), B ~ N(0, 1/r), 2D slots (up_block 1)."""
+    return MoeLora(randn(adapters, experts, 2 * rank, hidden, fan_in=hidden),
+                   randn(adapters, experts, 2 * inter, rank, fan_in=rank),
+                   torch.ones(adapters, dtype=torch.int32, device=device),
+                   randn(adapters, experts, rank, inter, fan_in=inter),
+                   randn(adapters, experts, hidden, rank, fan_in=rank))
+
+
 def lora_case_maker(randn, routing, shape, device) -> Callable:
     """make(T, L, R) -> (x, topk_ids, MoeLora, act, token_slot, alignment) for moe_lora_ops."""
     hidden, experts, top_k, inter = shape
@@ -136,14 +152,9 @@ def lora_case_maker(randn, routing, shape, device) -> Callable:
     def make(num_tokens, adapters, rank):
         x = randn(num_tokens, hidden)
         _, ids = routing(num_tokens, experts, top_k)
-        w = MoeLora(randn(adapters, experts, 2 * rank, hidden, fan_in=hidden),
-                    randn(adapters, experts, 2 * inter, rank, fan_in=rank),
-                    torch.ones(adapters, dtype=torch.int32, device=device),
-                    randn(adapters, experts, rank, inter, fan_in=inter),
-                    randn(adapters, experts, hidden, rank, fan_in=rank))
+        w = random_moe_lora(randn, adapters, experts, hidden, inter, rank, device)
         act = randn(num_tokens * top_k, inter)
-        slots = [t * min(num_tokens, adapters) // num_tokens for t in range(num_tokens)]
-        meta = LoraMeta.build(slots, adapters, torch.device(device))
+        meta = LoraMeta.build(segment_slots(num_tokens, adapters), adapters, torch.device(device))
         block_m = gemm_config(num_tokens, inter, hidden, x.dtype, gate_up=True)["BLOCK_M"]
         align = moe_align(ids, experts, block_m) if needs_alignment(ids.numel(), experts) else None
         return x, ids, w, act, meta.token_slot, align

@@ -20,8 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _sweep  # noqa: E402
+from benchmarks._sweep import random_moe_lora, segment_slots  # noqa: E402
 from benchmarks._timing import eager_time_us, graph_time_us, roofline_us  # noqa: E402
-from kernels import LoraMeta, MoeLora, lora, moe_lora, reference, triton_ops  # noqa: E402  # noqa: E402
+from kernels import LoraMeta, lora, moe_lora, reference, triton_ops  # noqa: E402
 from kernels.moe import gemm_config, moe_gemm  # noqa: E402
 from kernels.moe_align import moe_align, needs_alignment  # noqa: E402
 from kernels.moe_lora import moe_lora_delta  # noqa: E402
@@ -44,12 +45,6 @@ def _randn(*shape, fan_in=1):
     return (torch.randn(shape, device=DEVICE) / fan_in**0.5).bfloat16()
 
 
-def segment_slots(num_tokens: int, num_adapters: int) -> list[int]:
-    """Contiguous request segments, one per adapter (as many as tokens allow)."""
-    segments = min(num_tokens, num_adapters)
-    return [t * segments // num_tokens for t in range(num_tokens)]
-
-
 def routing(num_tokens, experts, top_k):
     logits = torch.randn(num_tokens, experts, device=DEVICE)
     weights, ids = torch.topk(logits.softmax(-1), top_k, dim=-1)
@@ -62,11 +57,7 @@ def moe_case(shape, num_tokens, adapters, rank, with_twin):
     w_gate_up = _randn(experts, 2 * inter, hidden, fan_in=hidden)
     w_down = _randn(experts, hidden, inter, fan_in=inter)
     weights, ids = routing(num_tokens, experts, top_k)
-    lora = MoeLora(_randn(adapters, experts, 2 * rank, hidden, fan_in=hidden),
-                   _randn(adapters, experts, 2 * inter, rank, fan_in=rank),
-                   torch.ones(adapters, dtype=torch.int32, device=DEVICE),
-                   _randn(adapters, experts, rank, inter, fan_in=inter),
-                   _randn(adapters, experts, hidden, rank, fan_in=rank))
+    lora = random_moe_lora(_randn, adapters, experts, hidden, inter, rank, DEVICE)
     slots = segment_slots(num_tokens, adapters)
     meta = LoraMeta.build(slots, adapters, torch.device(DEVICE))
     args = (x, w_gate_up, w_down, weights, ids)

@@ -6,7 +6,6 @@ reader's tests and the server's tests check that each is refused with a message 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
