@@ -20,8 +20,8 @@ class LoraMeta:
       num_slots     = 4                 # S, the slot dimension of every LoRA weight buffer
       num_active    = 2                 # host-side: distinct slots in use (picks kernel modes)
 
-    The three device tensors are views of one int32 buffer, so `copy_` refreshes a CUDA-graph
-    captured meta with one copy. Capture with has_lora True: a replay whose tokens are all -1
+    The three device tensors are views of one int32 buffer (one host-to-device copy per step);
+    `copy_` refreshes a CUDA-graph captured meta in place. Capture with has_lora True: a replay whose tokens are all -1
     is still right (every LoRA program exits), one captured without LoRA launches nothing.
     """
 
