@@ -4,21 +4,31 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 ARGS ?=
 PYTEST_ARGS ?=
+# torch first, pinned: an unpinned torch would pull whatever build is newest. On Linux, PyPI's
+# torch 2.13.0 is the CUDA build (several GB, runs on CPU too); constraints.txt pins what it needs.
+TORCH := torch==2.13.0
+CONSTRAINTS := -c constraints.txt
+# The install check replays the pip commands below with every pip config and variable ignored,
+# as on a fresh machine that has only PyPI (no local wheels, no index or constraint settings).
+PIP_FRESH := env PIP_CONFIG_FILE=/dev/null python3 -m pip --isolated install --dry-run \
+	--ignore-installed --quiet --report -
 
-.PHONY: install install-dev serve test clean
+.PHONY: install install-dev serve test check-install clean
 
 $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
-	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e .
+	@echo "loramux: installing $(TORCH) into $(VENV) (on Linux the CUDA build: a few GB, once)"
+	$(PIP) install --progress-bar on $(CONSTRAINTS) $(TORCH)
+	@echo "loramux: installing loramux and its dependencies (transformers, fastapi, triton, ...)"
+	$(PIP) install -q $(CONSTRAINTS) -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	@echo "loramux: installing the test tools (pytest, peft, openai, ...)"
+	$(PIP) install -q $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,6 +39,11 @@ serve: install
 
 test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Resolves each install step above against PyPI alone and prints what it would install.
+check-install:
+	$(PIP_FRESH) $(CONSTRAINTS) $(TORCH) | python3 .ci/summarize_report.py torch
+	$(PIP_FRESH) $(CONSTRAINTS) $(TORCH) -e '.[dev]' | python3 .ci/summarize_report.py project
 
 clean:
 	rm -rf $(VENV) build *.egg-info
