@@ -70,7 +70,8 @@ def test_dockerfile_is_multistage_nonroot_with_healthcheck():
 def test_dockerfile_installs_like_the_makefile():
     makefile = (ROOT / "Makefile").read_text()
     text = re.sub(r"\s*\\\n\s*", " ", dockerfile())  # join continuation lines
-    torch_pin = re.search(r"install -q -c constraints\.txt (torch==\S+)", makefile).group(1)
+    torch_pin = re.search(r"^TORCH := (torch==\S+)$", makefile, re.M).group(1)
+    assert re.search(r"^CONSTRAINTS := -c constraints\.txt$", makefile, re.M)
     # the same command; a CPU build may only add an index URL
     assert re.search(r"pip install -q -c constraints\.txt (\$\{TORCH_INDEX_URL[^}]*\} )?"
                      + re.escape(torch_pin), text)
