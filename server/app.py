@@ -12,7 +12,7 @@ from server import __version__
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
 from server.registry import ModelRegistry
-from server.routes import adapters, completions, health, models
+from server.routes import adapters, completions, health, models, tokens
 from server.settings import Settings
 from server.state import ServerState
 
@@ -33,8 +33,9 @@ def create_app(engine, settings: Settings) -> FastAPI:
                                    models=ModelRegistry(engine, settings),
                                    metrics=ServerMetrics(engine))
     install_error_handlers(app)
-    for module in (health, models, completions):
-        app.include_router(module.router)
+    for router in (health.router, tokens.ping_router, models.router, completions.router,
+                   tokens.router):
+        app.include_router(router)
     if settings.allow_runtime_lora_updating:
         app.include_router(adapters.router)
     return app

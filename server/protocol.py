@@ -1,14 +1,15 @@
 """Request bodies of the OpenAI and vLLM endpoints, and their mapping onto engine types.
 
-Unknown fields are ignored, as OpenAI clients send optional fields freely; fields we cannot
-honour (echo, batched prompts, non-text chat content) are refused with a 400 instead.
+Unknown fields are ignored, as OpenAI clients send optional fields freely. Fields that OpenAI or
+vLLM define and loramux does not honour yet are refused with a 400 naming them whenever they ask
+for something (`_UNHONOURED`); sent with their neutral value they are accepted.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.request import LoRARequest, SamplingParams
 
@@ -19,6 +20,23 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+# Known request fields that loramux does not implement yet, with the values that ask for nothing.
+_UNHONOURED: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}), "min_tokens": (None, 0),
+    "bad_words": (None, []), "allowed_token_ids": (None,),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+    "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}), "structured_outputs": (None,),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "guided_decoding_backend": (None,),
+    "prompt_logprobs": (None,), "best_of": (None, 1), "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0), "suffix": (None, ""), "truncate_prompt_tokens": (None,),
+    "logits_processors": (None, []), "audio": (None,), "prediction": (None,),
+    "modalities": (None, ["text"]), "web_search_options": (None,),
+}
 
 
 class _GenerationRequest(_Body):
@@ -39,6 +57,18 @@ class _GenerationRequest(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unhonoured(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            asked = [f for f, neutral in _UNHONOURED.items()
+                     if f in raw and not any(raw[f] == v and type(raw[f]) is type(v)
+                                             or raw[f] is v for v in neutral)]
+            if asked:
+                raise ValueError(f"{', '.join(asked)}: not supported by loramux yet; leave "
+                                 f"{'it' if len(asked) == 1 else 'them'} out of the request")
+        return raw
 
     @property
     def include_usage(self) -> bool:
@@ -119,6 +149,7 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens

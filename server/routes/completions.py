@@ -27,7 +27,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
 @router.post("/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
     lora = state.models.resolve(body.model)
-    prompt_ids = chat_prompt_ids(state.engine.tokenizer, body.messages)
+    prompt_ids = chat_prompt_ids(state.engine.tokenizer, body.messages, body.chat_template_kwargs)
     formatter = ChatFormatter(state.engine.tokenizer, random_id("chatcmpl"), body.model,
                               want_logprobs=body.logprobs)
     return await _run(state, request, body, prompt_ids, lora, formatter)

@@ -1,0 +1,34 @@
+"""Known OpenAI / vLLM fields that loramux does not implement are refused, never ignored."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("repetition_penalty", 1.2),
+    ("logit_bias", {"5": 10}), ("min_tokens", 3), ("bad_words", ["model"]),
+    ("response_format", {"type": "json_object"}), ("tool_choice", "required"),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("structured_outputs", {"choice": ["a", "b"]}), ("guided_json", {"type": "object"}),
+    ("prompt_logprobs", 1), ("best_of", 2), ("use_beam_search", True),
+])
+def test_a_field_that_asks_for_something_unimplemented_is_a_400_naming_it(client, field, value):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=2,
+                                       extra_body={field: value})
+    assert f"{field}: not supported" in err.value.message
+
+
+@pytest.mark.parametrize("field, value", [
+    ("presence_penalty", 0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
+    ("logit_bias", {}), ("min_tokens", 0), ("tools", []), ("tool_choice", "none"),
+    ("response_format", {"type": "text"}), ("best_of", 1), ("prompt_logprobs", None),
+])
+def test_the_same_field_with_its_neutral_value_is_accepted(client, field, value):
+    reply = client.completions.create(model="demo-2d", prompt="the model", max_tokens=2,
+                                      extra_body={field: value})
+    assert reply.usage.completion_tokens >= 1
