@@ -12,7 +12,7 @@ from server import __version__
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
 from server.registry import ModelRegistry
-from server.routes import adapters, completions, health, models, tokens
+from server.routes import adapters, completions, health, models, responses, tokens
 from server.settings import Settings
 from server.state import ServerState
 
@@ -34,7 +34,7 @@ def create_app(engine, settings: Settings) -> FastAPI:
                                    metrics=ServerMetrics(engine))
     install_error_handlers(app)
     for router in (health.router, tokens.ping_router, models.router, completions.router,
-                   tokens.router):
+                   responses.router, tokens.router):
         app.include_router(router)
     if settings.allow_runtime_lora_updating:
         app.include_router(adapters.router)

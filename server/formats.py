@@ -76,6 +76,10 @@ class _Formatter:
     def opening(self, n: int) -> list[BaseModel]:
         return []
 
+    def closing(self, out: RequestOutput, include_usage: bool) -> list[BaseModel]:
+        """What a stream sends after the last output: the usage chunk when it was asked for."""
+        return [self.usage_chunk(out)] if include_usage else []
+
 
 class CompletionFormatter(_Formatter):
     def __init__(self, tokenizer, response_id: str, model: str, want_logprobs: bool) -> None:

@@ -18,6 +18,7 @@ from engine.errors import EngineError
 from server.errors import engine_status, error_body
 from server.formats import Formatter
 from server.generation import Generation
+from server.responses_api import ResponseEvent
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +26,11 @@ DONE = "data: [DONE]\n\n"
 
 
 def sse(chunk: BaseModel | dict) -> str:
+    """One frame; Responses API events also name themselves in an `event:` line."""
     body = (chunk.model_dump_json() if isinstance(chunk, BaseModel)
             else json.dumps(chunk, separators=(",", ":")))
-    return f"data: {body}\n\n"
+    event = f"event: {chunk.type}\n" if isinstance(chunk, ResponseEvent) else ""
+    return f"{event}data: {body}\n\n"
 
 
 async def sse_frames(generation: Generation, formatter: Formatter, n: int,
@@ -47,8 +50,8 @@ async def sse_frames(generation: Generation, formatter: Formatter, n: int,
         yield sse(error_body(HTTPStatus.INTERNAL_SERVER_ERROR,
                              f"internal error ({type(exc).__name__}); see the server log"))
     else:
-        if include_usage:
-            yield sse(formatter.usage_chunk(last))
+        for chunk in formatter.closing(last, include_usage):
+            yield sse(chunk)
     yield DONE
 
 
