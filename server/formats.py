@@ -29,9 +29,10 @@ from server.responses import (
 )
 
 
-def usage_of(out: RequestOutput) -> UsageInfo:
-    prompt = len(out.prompt_token_ids)
-    completion = sum(len(choice.token_ids) for choice in out.outputs)
+def usage_of(*outs: RequestOutput) -> UsageInfo:
+    """Token counts of one request, or summed over the requests of a prompt batch."""
+    prompt = sum(len(out.prompt_token_ids) for out in outs)
+    completion = sum(len(choice.token_ids) for out in outs for choice in out.outputs)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion)
 
@@ -76,14 +77,19 @@ class _Formatter:
     def opening(self, n: int) -> list[BaseModel]:
         return []
 
-    def closing(self, out: RequestOutput, include_usage: bool) -> list[BaseModel]:
-        """What a stream sends after the last output: the usage chunk when it was asked for."""
-        return [self.usage_chunk(out)] if include_usage else []
+    def closing(self, outs: list[RequestOutput], include_usage: bool) -> list[BaseModel]:
+        """What a stream sends after the last outputs (one per prompt of the request): the
+        usage chunk, summed over them, when it was asked for."""
+        return [self.usage_chunk(*outs)] if include_usage else []
 
 
 class CompletionFormatter(_Formatter):
-    def __init__(self, tokenizer, response_id: str, model: str, want_logprobs: bool) -> None:
+    """One prompt's choices; in a batch of prompts, prompt i's choices start at index i * n."""
+
+    def __init__(self, tokenizer, response_id: str, model: str, want_logprobs: bool,
+                 first_index: int = 0) -> None:
         super().__init__(tokenizer, response_id, model, want_logprobs)
+        self.first_index = first_index
         self._offsets: dict[int, int] = {}
 
     def _logprobs(self, out: RequestOutput, choice: CompletionOutput,
@@ -102,15 +108,16 @@ class CompletionFormatter(_Formatter):
 
     def chunks(self, out: RequestOutput) -> list[CompletionResponse]:
         return [CompletionResponse(id=self.id, model=self.model, choices=[CompletionChoice(
-            index=c.index, text=c.text_delta, logprobs=self._logprobs(out, c, c.logprobs_delta),
+            index=self.first_index + c.index, text=c.text_delta, logprobs=self._logprobs(out, c, c.logprobs_delta),
             finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
             for c in self._changed(out)]
 
-    def usage_chunk(self, out: RequestOutput) -> CompletionResponse:
-        return CompletionResponse(id=self.id, model=self.model, choices=[], usage=usage_of(out))
+    def usage_chunk(self, *outs: RequestOutput) -> CompletionResponse:
+        return CompletionResponse(id=self.id, model=self.model, choices=[],
+                                  usage=usage_of(*outs))
 
     def response(self, out: RequestOutput) -> CompletionResponse:
-        choices = [CompletionChoice(index=c.index, text=c.text,
+        choices = [CompletionChoice(index=self.first_index + c.index, text=c.text,
                                     logprobs=self._logprobs(out, c, c.logprobs or []),
                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                    for c in out.outputs]
@@ -142,8 +149,9 @@ class ChatFormatter(_Formatter):
             logprobs=self._logprobs(out, c, c.logprobs_delta), finish_reason=c.finish_reason,
             stop_reason=c.stop_reason)]) for c in self._changed(out)]
 
-    def usage_chunk(self, out: RequestOutput) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=usage_of(out))
+    def usage_chunk(self, *outs: RequestOutput) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, model=self.model, choices=[],
+                                   usage=usage_of(*outs))
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
         choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),

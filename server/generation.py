@@ -58,13 +58,12 @@ class Generation:
         self._finished = False
 
     async def start(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> None:
+        await start_all(request, [(self, prompt_ids)], params)
+
+    async def _begin(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self._outputs = self.engine.generate(prompt_ids, params, lora=self.lora,
                                              request_id=self.request_id)
-        try:
-            self._first = await until_disconnect(request, anext(self._outputs))
-        except ClientDisconnected:
-            self.abort()
-            raise
+        self._first = await anext(self._outputs)
         self._observe(self._first)
 
     def _observe(self, out: RequestOutput) -> None:
@@ -90,7 +89,7 @@ class Generation:
 
     async def final(self, request: Request) -> RequestOutput:
         """The last output (all text and tokens are cumulative), or ClientDisconnected."""
-        return await until_disconnect(request, self._drain())
+        return (await final_all(request, [self]))[0]
 
     async def _drain(self) -> RequestOutput:
         last = None
@@ -99,10 +98,31 @@ class Generation:
         return last
 
     def abort(self) -> None:
-        if self._finished:
+        if self._finished or self._outputs is None:
             return
         self._finished = True
         logger.debug("aborting request %s (adapter %s): client went away", self.request_id,
                      self.lora)
         self.engine.abort(self.request_id)
         self.timer.aborted()
+
+
+async def start_all(request: Request, generations: list[tuple[Generation, list[int]]],
+                    params: SamplingParams) -> None:
+    """Submit every request at once and wait for each one's first output. If the client
+    leaves, or one request fails (its error propagates), every one of them is aborted."""
+    tasks = [asyncio.ensure_future(g._begin(ids, params)) for g, ids in generations]
+    try:
+        await until_disconnect(request, asyncio.gather(*tasks))
+    except BaseException:
+        for (generation, _), task in zip(generations, tasks, strict=True):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                generation._finished = True  # the engine refused or ended it itself
+            task.cancel()
+            generation.abort()
+        raise
+
+
+async def final_all(request: Request, generations: list[Generation]) -> list[RequestOutput]:
+    """The last output of each generation (one watcher for the client's disconnect)."""
+    return await until_disconnect(request, asyncio.gather(*(g._drain() for g in generations)))

@@ -85,8 +85,11 @@ class _GenerationRequest(_Body):
         )
 
 
+MAX_PROMPTS = 256  # prompts in one completions request; each is one engine request
+
+
 class CompletionRequest(_GenerationRequest):
-    """POST /v1/completions. `prompt` is text or token ids; a batch of one is unwrapped."""
+    """POST /v1/completions. `prompt` is text or token ids, or a list of either (a batch)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
@@ -95,14 +98,22 @@ class CompletionRequest(_GenerationRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _single_prompt(cls, prompt: Any) -> str | list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ValueError("batched prompts are not supported; send one prompt per request")
-            prompt = prompt[0]
-        if len(prompt) == 0:
-            raise ValueError("prompt must not be empty")
+    def _prompts_not_empty(cls, prompt: Any) -> Any:
+        batch = cls._as_batch(prompt)
+        if not batch or any(len(p) == 0 for p in batch):
+            raise ValueError("prompt must not be empty (nor any prompt of a list)")
+        if len(batch) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request (got {len(batch)})")
         return prompt
+
+    @staticmethod
+    def _as_batch(prompt: Any) -> list:
+        batched = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        return list(prompt) if batched else [prompt] if len(prompt) else []
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a batch answers with `n` choices per prompt, in order."""
+        return self._as_batch(self.prompt)
 
     @field_validator("echo")
     @classmethod

@@ -151,7 +151,8 @@ class ResponsesFormatter(ChatFormatter):
                             content_index=0, delta=c.text_delta, logprobs=[])
                 for c in self._changed(out) if c.text_delta]
 
-    def closing(self, out: RequestOutput, include_usage: bool) -> list[ResponseEvent]:
+    def closing(self, outs: list[RequestOutput], include_usage: bool) -> list[ResponseEvent]:
+        out, = outs
         final = self._object(out)
         text, at = out.outputs[0].text, {"item_id": self.item_id, "output_index": 0}
         return [self._event("output_text.done", **at, content_index=0, text=text, logprobs=[]),

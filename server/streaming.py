@@ -1,11 +1,14 @@
 """Server-sent events: one `data: {json}` frame per chunk, optional usage, then `data: [DONE]`.
 
-A failure after the first byte cannot change the HTTP status any more, so it is sent as an
-error frame in the OpenAI envelope (the openai client raises it) before `[DONE]`.
+A request streams one generation, or (a completions prompt batch) several whose chunks are
+interleaved as they come, each formatter numbering its own choices. A failure after the first
+byte cannot change the HTTP status any more, so it is sent as an error frame in the OpenAI
+envelope (the openai client raises it) before `[DONE]`; the other generations are aborted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -15,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from engine.errors import EngineError
+from engine.request import RequestOutput
 from server.errors import engine_status, error_body
 from server.formats import Formatter
 from server.generation import Generation
@@ -23,6 +27,8 @@ from server.responses_api import ResponseEvent
 logger = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
+
+Stream = tuple[Generation, Formatter]
 
 
 def sse(chunk: BaseModel | dict) -> str:
@@ -33,30 +39,61 @@ def sse(chunk: BaseModel | dict) -> str:
     return f"{event}data: {body}\n\n"
 
 
-async def sse_frames(generation: Generation, formatter: Formatter, n: int,
-                     include_usage: bool) -> AsyncIterator[str]:
-    for chunk in formatter.opening(n):
-        yield sse(chunk)
-    last = None
+async def _merged(streams: list[Stream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) as each generation produces them; leaving early stops all."""
+    if len(streams) == 1:
+        async for out in streams[0][0].outputs():
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, generation: Generation) -> None:
+        try:
+            async for out in generation.outputs():
+                await queue.put((i, out))
+            await queue.put((i, None))
+        except Exception as exc:  # handed to the consumer, which reports it
+            await queue.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, (g, _) in enumerate(streams)]
     try:
-        async for out in generation.outputs():
-            for chunk in formatter.chunks(out):
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def sse_frames(streams: list[Stream], n: int, include_usage: bool) -> AsyncIterator[str]:
+    for _, formatter in streams:
+        for chunk in formatter.opening(n):
+            yield sse(chunk)
+    last: list[RequestOutput | None] = [None] * len(streams)
+    try:
+        async for i, out in _merged(streams):
+            for chunk in streams[i][1].chunks(out):
                 yield sse(chunk)
-            last = out
+            last[i] = out
     except EngineError as exc:
         yield sse(error_body(engine_status(exc), str(exc)))
     except Exception as exc:  # a bug: report it in-band, keep serving
-        logger.exception("stream %s failed", generation.request_id)
+        logger.exception("stream %s failed", streams[0][0].request_id)
         yield sse(error_body(HTTPStatus.INTERNAL_SERVER_ERROR,
                              f"internal error ({type(exc).__name__}); see the server log"))
     else:
-        for chunk in formatter.closing(last, include_usage):
+        for chunk in streams[0][1].closing(last, include_usage):
             yield sse(chunk)
     yield DONE
 
 
-def sse_response(generation: Generation, formatter: Formatter, n: int,
-                 include_usage: bool) -> StreamingResponse:
-    return StreamingResponse(sse_frames(generation, formatter, n, include_usage),
+def sse_response(streams: list[Stream], n: int, include_usage: bool) -> StreamingResponse:
+    return StreamingResponse(sse_frames(streams, n, include_usage),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

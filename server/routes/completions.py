@@ -1,11 +1,16 @@
-"""POST /v1/completions and /v1/chat/completions: resolve model, tokenize, run, answer."""
+"""POST /v1/completions and /v1/chat/completions: resolve model, tokenize, run, answer.
+
+A completions `prompt` list is a batch: one engine request per prompt, all submitted at once,
+answered as vLLM does with `n` choices per prompt (prompt i's at indices i*n .. i*n+n-1) and the
+usage summed.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from server.formats import ChatFormatter, CompletionFormatter, Formatter
-from server.generation import Generation
+from server.formats import ChatFormatter, CompletionFormatter, Formatter, usage_of
+from server.generation import Generation, final_all, start_all
 from server.prompt import chat_prompt_ids, completion_prompt_ids
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.responses import random_id
@@ -18,10 +23,12 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 @router.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request, state: State):
     lora = state.models.resolve(body.model)
-    prompt_ids = completion_prompt_ids(state.engine.tokenizer, body.prompt)
-    formatter = CompletionFormatter(state.engine.tokenizer, random_id("cmpl"), body.model,
-                                    want_logprobs=body.logprobs is not None)
-    return await _run(state, request, body, prompt_ids, lora, formatter)
+    tokenizer, response_id = state.engine.tokenizer, random_id("cmpl")
+    prompts = [completion_prompt_ids(tokenizer, p) for p in body.prompts()]
+    formatters = [CompletionFormatter(tokenizer, response_id, body.model,
+                                      want_logprobs=body.logprobs is not None,
+                                      first_index=i * body.n) for i in range(len(prompts))]
+    return await _run(state, request, body, prompts, lora, formatters)
 
 
 @router.post("/chat/completions")
@@ -30,15 +37,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     prompt_ids = chat_prompt_ids(state.engine.tokenizer, body.messages, body.chat_template_kwargs)
     formatter = ChatFormatter(state.engine.tokenizer, random_id("chatcmpl"), body.model,
                               want_logprobs=body.logprobs)
-    return await _run(state, request, body, prompt_ids, lora, formatter)
+    return await _run(state, request, body, [prompt_ids], lora, [formatter])
 
 
 async def _run(state: ServerState, request: Request,
-               body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
-               lora: str | None, formatter: Formatter):
-    params = body.sampling_params()
-    generation = Generation(state.engine, formatter.id, lora, state.metrics.timer(body.model))
-    await generation.start(request, prompt_ids, params)
+               body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
+               lora: str | None, formatters: list[Formatter]):
+    params, rid = body.sampling_params(), formatters[0].id
+    generations = [Generation(state.engine, rid if len(prompts) == 1 else f"{rid}-{i}", lora,
+                              state.metrics.timer(body.model)) for i in range(len(prompts))]
+    await start_all(request, list(zip(generations, prompts, strict=True)), params)
     if body.stream:
-        return sse_response(generation, formatter, body.n, body.include_usage)
-    return formatter.response(await generation.final(request))
+        return sse_response(list(zip(generations, formatters, strict=True)), body.n,
+                            body.include_usage)
+    outs = await final_all(request, generations)
+    if len(outs) == 1:
+        return formatters[0].response(outs[0])
+    answers = [f.response(out) for f, out in zip(formatters, outs, strict=True)]
+    return answers[0].model_copy(update={"choices": [c for a in answers for c in a.choices],
+                                         "usage": usage_of(*outs)})

@@ -21,5 +21,5 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
     generation = Generation(state.engine, formatter.id, lora, state.metrics.timer(body.model))
     await generation.start(request, prompt_ids, body.sampling_params())
     if body.stream:
-        return sse_response(generation, formatter, 1, include_usage=True)
+        return sse_response([(generation, formatter)], 1, include_usage=True)
     return formatter.response(await generation.final(request))

@@ -161,13 +161,13 @@ def test_health_version_and_metrics_need_no_key(server):
 def test_invalid_bodies_are_400_in_the_openai_envelope(server):
     with server.http() as http:
         missing = http.post("/v1/chat/completions", json={"model": "demo"})
-        batch = http.post("/v1/completions", json={"model": "demo", "prompt": ["a", "b"]})
+        batch = http.post("/v1/completions", json={"model": "demo", "prompt": ["a", ""]})
         not_json = http.post("/v1/completions", content=b"{", headers={
             "Content-Type": "application/json"})
     assert missing.status_code == 400
     assert missing.json()["error"]["param"] == "body.messages"
     assert missing.json()["error"]["type"] == "BadRequestError"
-    assert batch.status_code == 400 and "batched prompts" in batch.json()["error"]["message"]
+    assert batch.status_code == 400 and "must not be empty" in batch.json()["error"]["message"]
     assert not_json.status_code == 400
 
 
