@@ -37,3 +37,11 @@ class AdapterAlreadyExists(EngineError):
 
 class AdapterLoadError(EngineError):
     """The adapter's files are invalid for this model or this engine (the message says why)."""
+
+
+class AdapterPathForbidden(EngineError):
+    """An adapter file resolves (links followed) outside the allowed directories."""
+
+
+class AdapterFilesChanged(EngineError):
+    """An adapter's files on disk are no longer those read when it was loaded."""

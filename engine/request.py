@@ -13,6 +13,8 @@ class LoRARequest:
 
     is_3d_lora_weight: None = detect from the files; True/False is checked against detection.
     load_inplace: replace the weights of an adapter of the same name for new requests.
+    allowed_roots: non-empty: every file of the adapter read (also re-reads) must resolve, links
+                   followed, under one of these directories.
     """
 
     lora_name: str
@@ -21,6 +23,7 @@ class LoRARequest:
     base_model_name: str | None = None
     load_inplace: bool = False
     is_3d_lora_weight: bool | None = None
+    allowed_roots: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import (
     AdapterAlreadyExists,
+    AdapterFilesChanged,
     AdapterLoadError,
     AdapterNotFound,
+    AdapterPathForbidden,
     EngineError,
     EngineOverloaded,
     EngineStopped,
@@ -30,6 +32,8 @@ _ENGINE_STATUS: tuple[tuple[type[EngineError], HTTPStatus], ...] = (
     (AdapterNotFound, HTTPStatus.NOT_FOUND),
     (AdapterAlreadyExists, HTTPStatus.BAD_REQUEST),
     (AdapterLoadError, HTTPStatus.BAD_REQUEST),
+    (AdapterPathForbidden, HTTPStatus.FORBIDDEN),
+    (AdapterFilesChanged, HTTPStatus.CONFLICT),
     (InvalidRequest, HTTPStatus.BAD_REQUEST),
     (EngineOverloaded, HTTPStatus.SERVICE_UNAVAILABLE),
     (EngineStopped, HTTPStatus.SERVICE_UNAVAILABLE),
@@ -40,6 +44,7 @@ _TYPES = {
     HTTPStatus.UNAUTHORIZED: "AuthenticationError",
     HTTPStatus.FORBIDDEN: "PermissionDeniedError",
     HTTPStatus.NOT_FOUND: "NotFoundError",
+    HTTPStatus.CONFLICT: "ConflictError",
     HTTPStatus.METHOD_NOT_ALLOWED: "MethodNotAllowed",
     HTTPStatus.SERVICE_UNAVAILABLE: "ServiceUnavailableError",
 }

@@ -1,13 +1,15 @@
 """The names clients may put in `model`: the base model's served names and loaded adapters.
 
 The engine holds the adapters (engine.list_loras() is the truth); this module resolves names,
-assigns lora_int_ids, confines runtime loads to --allowed-lora-roots, and phrases the
-not-found / already-loaded answers exactly as vLLM does.
+assigns lora_int_ids, confines runtime loads to --allowed-lora-roots (the directory here; the
+engine's reader checks every file it opens, re-reads too, against the same roots), and phrases
+the not-found / already-loaded answers exactly as vLLM does.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from http import HTTPStatus
 from pathlib import Path
 
@@ -63,8 +65,8 @@ class ModelRegistry:
                            f"The lora adapter '{name}' has already been loaded. If you want to "
                            f"load the adapter in place, set 'load_inplace' to True.",
                            "lora_name")
-        await self.engine.add_lora(body.lora_request(next(self._ids),
-                                                     self._confined(body.lora_path)))
+        request = body.lora_request(next(self._ids), self._confined(body.lora_path))
+        await self.engine.add_lora(replace(request, allowed_roots=tuple(map(str, self.roots))))
 
     async def unload(self, name: str) -> None:
         if name not in self._adapters():

@@ -11,20 +11,24 @@ alpha_pattern) folded into b. Weights stay float32 on CPU.
   A tensor that fits both readings (hidden_size == 2I for gate_up, == I for down) is settled by
   the file's other 3D tensors or by peft_version >= 0.19.1, else refused. Nothing is guessed.
 Every problem raises AdapterLoadError naming the key or module (AdapterNotFound: no such path).
+Files are opened only through engine.lora.files: confined to the allowed roots after resolving
+links, and fingerprinted as read (a re-read must match the fingerprint of the validating read).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 
 from engine.config import ModelConfig
-from engine.errors import AdapterLoadError, AdapterNotFound
+from engine.errors import AdapterLoadError
+from engine.lora.files import AdapterFiles, Fingerprint
 from engine.lora.peft_keys import (LoraHyper, LoraPair, check_expert_rows, dim_names,
                                    fused_orientations, pair_up, peft_version_at_least,
                                    positional_candidates, read_config, unfold_fused)
@@ -37,20 +41,25 @@ _ONE_ORIENTATION_SINCE = (0, 19, 1)  # first PEFT release writing 3D LoRA in the
 
 def read_adapter(name: str, path: str, model_config: ModelConfig, max_rank: int,
                  is_3d_lora_weight: bool | None = None, native_layout: str | None = None,
-                 allow_mixed: bool = True, base_model_name: str | None = None) -> LoraAdapter:
+                 allow_mixed: bool = True, base_model_name: str | None = None,
+                 allowed_roots: tuple[str, ...] = (),
+                 expected: Fingerprint | None = None) -> LoraAdapter:
     """Read, check and normalize the PEFT adapter at `path` for `model_config`.
 
     is_3d_lora_weight: None = trust detection; True/False must agree with what was detected
                        (an adapter without expert LoRA agrees with both).
     native_layout:     the base checkpoint's expert layout ("2d" per-expert, "3d" fused); with
                        allow_mixed False an adapter of the other expert layout is refused.
+    allowed_roots:     every file read must resolve (links followed) under one of these.
+    expected:          a re-read: the fingerprint of the read that validated the adapter, which
+                       the files must still match (engine.lora.files).
     """
     if native_layout not in (None, "2d", "3d"):
         raise ValueError(f"native_layout must be '2d', '3d' or None, got {native_layout!r}")
-    root = _adapter_dir(path)
-    config = read_config(root)
+    files = _adapter_files(name, path, allowed_roots, expected)
+    config = read_config(files.read("adapter_config.json"), path)
     hyper = LoraHyper.from_config(config)
-    tensors, file_format = _read_tensors(root)
+    tensors, file_format = _read_tensors(files)
     builder = _WeightBuilder(model_config, hyper, max_rank)
     weights = builder.build(pair_up(tensors, f"adapter {path}"))
     _check_layout(builder.layout, is_3d_lora_weight, native_layout, allow_mixed)
@@ -60,46 +69,42 @@ def read_adapter(name: str, path: str, model_config: ModelConfig, max_rank: int,
     return LoraAdapter(name=name, path=str(path), weights=weights,
                        expert_layout=builder.layout, rank=max(w.rank for w in weights.values()),
                        base_model_name=base_model_name or config.get("base_model_name_or_path"),
-                       meta=meta)
+                       meta=meta, fingerprint=files.fingerprint)
 
 
-def _adapter_dir(path: str) -> Path:
-    root = Path(path)
-    if not root.exists():
-        raise AdapterNotFound(f"adapter path {path} does not exist")
-    if not root.is_dir():
-        raise AdapterLoadError(f"adapter path {path} is not a directory")
-    if not (root / "adapter_config.json").is_file():
+def _adapter_files(name: str, path: str, allowed_roots: tuple[str, ...],
+                   expected: Fingerprint | None) -> AdapterFiles:
+    files = AdapterFiles(name, path, allowed_roots, expected)
+    if not files.exists("adapter_config.json"):
         raise AdapterLoadError(f"{path} has no adapter_config.json: not a PEFT adapter directory")
-    return root
+    return files
 
 
-def _read_tensors(root: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _read_tensors(files: AdapterFiles) -> tuple[dict[str, torch.Tensor], str]:
     """adapter_model.safetensors (preferred) or adapter_model.bin, as finite float32 tensors."""
     for file_name, load in (("adapter_model.safetensors", _load_safetensors),
                             ("adapter_model.bin", _load_bin)):
-        if (root / file_name).is_file():
-            raw = load(root / file_name)
+        if files.exists(file_name):
+            raw = load(file_name, files.read(file_name))
             return {key: _as_float32(key, t) for key, t in raw.items()}, file_name.split(".")[-1]
-    raise AdapterLoadError(f"{root} has no adapter_model.safetensors or adapter_model.bin")
+    raise AdapterLoadError(f"{files.path} has no adapter_model.safetensors or adapter_model.bin")
 
 
-def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def _load_safetensors(file_name: str, data: bytes) -> dict[str, torch.Tensor]:
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+        return dict(sorted(load_safetensors(data).items()))  # safe_open's key order
     except SafetensorError as err:
-        raise AdapterLoadError(f"{file.name} is corrupt or truncated: {err}") from err
+        raise AdapterLoadError(f"{file_name} is corrupt or truncated: {err}") from err
 
 
-def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+def _load_bin(file_name: str, data: bytes) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        raise AdapterLoadError(f"{file.name} is corrupt or not a weights-only torch file: "
+        raise AdapterLoadError(f"{file_name} is corrupt or not a weights-only torch file: "
                                f"{str(err).splitlines()[0]}") from err
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-        raise AdapterLoadError(f"{file.name} does not hold a dict of tensors")
+        raise AdapterLoadError(f"{file_name} does not hold a dict of tensors")
     return state
 
 

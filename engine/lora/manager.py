@@ -5,7 +5,8 @@ AdapterHandle: the adapter's registration at one version, so an in-place reload 
 requests only and an unload lets running requests finish. The step thread asks try_pin() for a
 slot when it admits a sequence: a GPU-resident adapter is pinned at once; one in the CPU cache is
 copied into a free or evicted slot; one only on disk is read by a background thread while other
-requests keep running, and pinned once read. Registry and CPU cache are shared with the caller's
+requests keep running, and pinned once read, if its files still match the fingerprint of the read
+that validated it (else its requests fail with AdapterFilesChanged until it is reloaded). Registry and CPU cache are shared with the caller's
 thread under a lock; slots belong to the step thread alone.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from engine.config import LoraConfig, ModelConfig
 from engine.errors import AdapterAlreadyExists, AdapterNotFound
 from engine.lora.adapter import read_adapter
+from engine.lora.files import Fingerprint
 from engine.lora.slots import AdapterSlots
 from engine.lora.weights import LoraAdapter
 from engine.request import LoRARequest
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 class AdapterHandle:
     request: LoRARequest
     version: int
+    fingerprint: Fingerprint = ()  # of the validating read; a re-read from disk must match it
 
     @property
     def name(self) -> str:
@@ -61,13 +64,17 @@ class LoraManager:
         self.disk_reads_total = 0  # re-reads of adapters that had left the CPU cache
 
     # --- registry (any thread) -------------------------------------------------------------
-    def read(self, req: LoRARequest) -> LoraAdapter:
-        """Read and validate an adapter's files (blocking; no engine state is touched)."""
+    def read(self, req: LoRARequest, expected: Fingerprint | None = None) -> LoraAdapter:
+        """Read and validate an adapter's files (blocking; no engine state is touched).
+
+        expected: a re-read, whose files must match this fingerprint (AdapterFilesChanged).
+        """
         return read_adapter(
             req.lora_name, req.lora_path, self.model_config, self.config.max_lora_rank,
             is_3d_lora_weight=req.is_3d_lora_weight, native_layout=self.native_layout,
             allow_mixed=self.config.enable_mixed_moe_lora_format,
-            base_model_name=req.base_model_name)
+            base_model_name=req.base_model_name, allowed_roots=req.allowed_roots,
+            expected=expected)
 
     def check_new(self, req: LoRARequest) -> None:
         with self._lock:
@@ -81,7 +88,8 @@ class LoraManager:
         self.check_new(req)
         with self._lock:
             old = self._registry.get(req.lora_name)
-            handle = AdapterHandle(req, 0 if old is None else old.version + 1)
+            handle = AdapterHandle(req, 0 if old is None else old.version + 1,
+                                   adapter.fingerprint)
             self._registry[req.lora_name] = handle
             self._cache_put(handle.key, adapter)
             if old is not None:
@@ -161,7 +169,8 @@ class LoraManager:
         """Start or finish a background re-read of an adapter that left the CPU cache."""
         future = self._loading.get(handle.key)
         if future is None:
-            self._loading[handle.key] = self._reader.submit(self.read, handle.request)
+            self._loading[handle.key] = self._reader.submit(self.read, handle.request,
+                                                            handle.fingerprint)
             self.disk_reads_total += 1
             return None
         if not future.done():

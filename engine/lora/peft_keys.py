@@ -18,7 +18,6 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -193,10 +192,10 @@ def peft_version_at_least(version: str | None, minimum: tuple[int, ...]) -> bool
     return len(numbers) == len(minimum) and tuple(map(int, numbers)) >= minimum
 
 
-def read_config(root: Path) -> dict:
-    """adapter_config.json, refused when it asks for anything beyond plain LoRA deltas."""
+def read_config(raw: bytes, root: str) -> dict:
+    """adapter_config.json's bytes, refused when it asks for anything beyond plain LoRA deltas."""
     try:
-        config = json.loads((root / "adapter_config.json").read_text())
+        config = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterLoadError(f"adapter_config.json in {root} is not valid JSON: {err}") from err
     if not isinstance(config, dict):

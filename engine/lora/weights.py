@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from engine.lora.files import Fingerprint
+
 ExpertLayout = Literal["2d", "3d"]
 
 
@@ -42,6 +44,7 @@ class LoraAdapter:
     rank: int  # the largest rank of any module
     base_model_name: str | None = None
     meta: dict = field(default_factory=dict)  # peft_version, target_modules... for logs
+    fingerprint: Fingerprint = ()  # the files read (engine.lora.files), checked on re-reads
 
     @property
     def num_bytes(self) -> int:
