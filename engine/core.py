@@ -66,8 +66,8 @@ class EngineCore:
                                   sched.max_num_batched_tokens, sched.max_num_seqs,
                                   self.max_model_len, num_slots, self.device, self.dtype,
                                   cuda_graphs)
-        self.lora = (LoraManager(lora, self.model_config, self.model, self.native_layout)
-                     if lora.enabled else None)
+        self.lora = (LoraManager(lora, self.model_config, self.model, self.native_layout,
+                                 config.model) if lora.enabled else None)
         self.scheduler = Scheduler(sched, self.allocator, self.lora)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.eos_ids = eos_token_ids(config.model, self.model_config, self.tokenizer)

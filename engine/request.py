@@ -11,6 +11,9 @@ from engine.errors import InvalidRequest
 class LoRARequest:
     """An adapter a request runs with (vLLM's LoRARequest fields).
 
+    lora_int_id: the registration's id. The engine replaces the value given with one from its
+                 own counter when it registers the adapter (ids are never reused, so a cache
+                 entry or GPU slot of an unloaded adapter never matches a new one).
     is_3d_lora_weight: None = detect from the files; True/False is checked against detection.
     load_inplace: replace the weights of an adapter of the same name for new requests.
     allowed_roots: non-empty: every file of the adapter read (also re-reads) must resolve, links

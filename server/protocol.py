@@ -177,8 +177,9 @@ class LoadLoRAAdapterRequest(_Body):
     is_3d_lora_weight: bool | None = None
     base_model_name: str | None = None
 
-    def lora_request(self, lora_int_id: int, resolved_path: str) -> LoRARequest:
-        return LoRARequest(lora_name=self.lora_name, lora_int_id=lora_int_id,
+    def lora_request(self, resolved_path: str) -> LoRARequest:
+        """The engine's request; lora_int_id 0 until the engine registers it."""
+        return LoRARequest(lora_name=self.lora_name, lora_int_id=0,
                            lora_path=resolved_path, base_model_name=self.base_model_name,
                            load_inplace=self.load_inplace,
                            is_3d_lora_weight=self.is_3d_lora_weight)

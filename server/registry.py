@@ -1,14 +1,13 @@
 """The names clients may put in `model`: the base model's served names and loaded adapters.
 
-The engine holds the adapters (engine.list_loras() is the truth); this module resolves names,
-assigns lora_int_ids, confines runtime loads to --allowed-lora-roots (the directory here; the
-engine's reader checks every file it opens, re-reads too, against the same roots), and phrases
-the not-found / already-loaded answers exactly as vLLM does.
+The engine holds the adapters (engine.list_loras() is the truth; the engine assigns their
+lora_int_ids); this module resolves names, confines runtime loads to --allowed-lora-roots (the
+directory here; the engine's reader checks every file it opens, re-reads too, against the same
+roots), and phrases the not-found / already-loaded answers exactly as vLLM does.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 from http import HTTPStatus
 from pathlib import Path
@@ -24,7 +23,6 @@ class ModelRegistry:
     def __init__(self, engine, settings: Settings) -> None:
         self.engine, self.settings = engine, settings
         self.roots = tuple(root.resolve() for root in settings.allowed_lora_roots)
-        self._ids = itertools.count(1)
 
     def _adapters(self) -> dict[str, LoRARequest]:
         return {lora.lora_name: lora for lora in self.engine.list_loras()}
@@ -65,7 +63,7 @@ class ModelRegistry:
                            f"The lora adapter '{name}' has already been loaded. If you want to "
                            f"load the adapter in place, set 'load_inplace' to True.",
                            "lora_name")
-        request = body.lora_request(next(self._ids), self._confined(body.lora_path))
+        request = body.lora_request(self._confined(body.lora_path))
         await self.engine.add_lora(replace(request, allowed_roots=tuple(map(str, self.roots))))
 
     async def unload(self, name: str) -> None:
@@ -77,6 +75,6 @@ class ModelRegistry:
     async def load_static(self, m: LoraModule) -> None:
         """One --lora-modules item (trusted: the operator's command line, so no root check)."""
         await self.engine.add_lora(LoRARequest(
-            lora_name=m.name, lora_int_id=next(self._ids),
+            lora_name=m.name, lora_int_id=0,
             lora_path=str(Path(m.path).expanduser().resolve()),
             base_model_name=m.base_model_name, is_3d_lora_weight=m.is_3d_lora_weight))

@@ -19,7 +19,8 @@ BAD_KINDS = (
     "corrupt_safetensors", "nan_weights", "inf_weights", "use_dora", "modules_to_save", "bias",
     "missing_lora_b", "unknown_module", "non_lora_key", "unsupported_target_parameter",
     "wrong_hidden_size", "wrong_num_experts", "wrong_intermediate_size", "rank_mismatch",
-    "rank_too_high",
+    "rank_too_high", "nan_alpha", "huge_alpha", "huge_alpha_pattern", "bool_rank",
+    "bool_rank_pattern", "overflowing_delta", "huge_delta",
 )
 
 
@@ -57,6 +58,16 @@ def _poison(value: float):
         key = _first_key(tensors, "lora_B")
         tensors[key] = tensors[key].clone()
         tensors[key][0, 0] = value
+        return tensors
+    return breaker
+
+
+def _scale_first_pair(factor_a: float, factor_b: float):
+    """Finite tensors with a huge delta: the first lora_A and lora_B multiplied."""
+    def breaker(config, tensors):
+        key = _first_key(tensors, "lora_B")
+        for k, factor in ((key.replace("lora_B", "lora_A"), factor_a), (key, factor_b)):
+            tensors[k] = tensors[k] * factor
         return tensors
     return breaker
 
@@ -121,6 +132,11 @@ _CONFIG_BREAKERS = {
     "unsupported_target_parameter": lambda config: {
         "target_parameters": [*(config.get("target_parameters") or ()), "mlp.gate.weight"]},
     "rank_mismatch": lambda config: {"r": config["r"] * 2},
+    "nan_alpha": lambda config: {"lora_alpha": float("nan")},  # json writes and reads NaN
+    "huge_alpha": lambda config: {"lora_alpha": 1e300},
+    "huge_alpha_pattern": lambda config: {"alpha_pattern": {"q_proj": 1e9}},
+    "bool_rank": lambda config: {"r": True},
+    "bool_rank_pattern": lambda config: {"rank_pattern": {"q_proj": True}},
 }
 _TENSOR_BREAKERS = {
     "nan_weights": _poison(float("nan")),
@@ -134,4 +150,6 @@ _TENSOR_BREAKERS = {
     "wrong_num_experts": _drop_expert,
     "wrong_intermediate_size": _wrong_intermediate,
     "rank_too_high": _rank_too_high,
+    "overflowing_delta": _scale_first_pair(1e30, 1e30),  # B @ A beyond float32 (and float64 x r)
+    "huge_delta": _scale_first_pair(1.0, 1e6),
 }

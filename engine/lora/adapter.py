@@ -13,6 +13,7 @@ alpha_pattern) folded into b. Weights stay float32 on CPU.
 Every problem raises AdapterLoadError naming the key or module (AdapterNotFound: no such path).
 Files are opened only through engine.lora.files: confined to the allowed roots after resolving
 links, and fingerprinted as read (a re-read must match the fingerprint of the validating read).
+The numeric limits (finite after scaling, a bounded delta) are in engine.lora.validate.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from safetensors.torch import load as load_safetensors
 from engine.config import ModelConfig
 from engine.errors import AdapterLoadError
 from engine.lora.files import AdapterFiles, Fingerprint
+from engine.lora.validate import check_adapter
 from engine.lora.peft_keys import (LoraHyper, LoraPair, check_expert_rows, dim_names,
                                    fused_orientations, pair_up, peft_version_at_least,
                                    positional_candidates, read_config, unfold_fused)
@@ -41,8 +43,8 @@ _ONE_ORIENTATION_SINCE = (0, 19, 1)  # first PEFT release writing 3D LoRA in the
 
 def read_adapter(name: str, path: str, model_config: ModelConfig, max_rank: int,
                  is_3d_lora_weight: bool | None = None, native_layout: str | None = None,
-                 allow_mixed: bool = True, base_model_name: str | None = None,
-                 allowed_roots: tuple[str, ...] = (),
+                 allow_mixed: bool = True, dtype: torch.dtype = torch.float32,
+                 base_model: str | None = None, allowed_roots: tuple[str, ...] = (),
                  expected: Fingerprint | None = None) -> LoraAdapter:
     """Read, check and normalize the PEFT adapter at `path` for `model_config`.
 
@@ -50,6 +52,7 @@ def read_adapter(name: str, path: str, model_config: ModelConfig, max_rank: int,
                        (an adapter without expert LoRA agrees with both).
     native_layout:     the base checkpoint's expert layout ("2d" per-expert, "3d" fused); with
                        allow_mixed False an adapter of the other expert layout is refused.
+    dtype, base_model: the serving dtype and checkpoint (engine.lora.validate.check_adapter).
     allowed_roots:     every file read must resolve (links followed) under one of these.
     expected:          a re-read: the fingerprint of the read that validated the adapter, which
                        the files must still match (engine.lora.files).
@@ -63,12 +66,12 @@ def read_adapter(name: str, path: str, model_config: ModelConfig, max_rank: int,
     builder = _WeightBuilder(model_config, hyper, max_rank)
     weights = builder.build(pair_up(tensors, f"adapter {path}"))
     _check_layout(builder.layout, is_3d_lora_weight, native_layout, allow_mixed)
+    check_adapter(name, weights, config.get("base_model_name_or_path"), dtype, base_model)
     meta = {"format": file_format, "peft_version": hyper.peft_version,
             "num_targets": len(weights), **builder.summary}
     logger.info("adapter %s read from %s: %s", name, path, meta)
     return LoraAdapter(name=name, path=str(path), weights=weights,
                        expert_layout=builder.layout, rank=max(w.rank for w in weights.values()),
-                       base_model_name=base_model_name or config.get("base_model_name_or_path"),
                        meta=meta, fingerprint=files.fingerprint)
 
 

@@ -1,22 +1,27 @@
 """LoraManager: the adapter registry, the CPU LRU cache and the GPU slots, for one engine.
 
-Adapters are registered by name (validated by reading them once). A request holds an
-AdapterHandle: the adapter's registration at one version, so an in-place reload serves new
-requests only and an unload lets running requests finish. The step thread asks try_pin() for a
-slot when it admits a sequence: a GPU-resident adapter is pinned at once; one in the CPU cache is
-copied into a free or evicted slot; one only on disk is read by a background thread while other
-requests keep running, and pinned once read, if its files still match the fingerprint of the read
-that validated it (else its requests fail with AdapterFilesChanged until it is reloaded). Registry and CPU cache are shared with the caller's
-thread under a lock; slots belong to the step thread alone.
+Adapters are registered by name (validated by reading them once). Every registration (a first
+load, an in-place reload, a load after an unload) gets a new id from a counter that never
+repeats, stamped as its LoRARequest.lora_int_id; the CPU cache and the GPU slots are keyed by
+that id, so a slot left over from an unloaded or replaced registration can never serve another
+one, even before the step thread frees it. A request holds an AdapterHandle (one
+registration), so an in-place reload serves new requests only and an unload lets running
+requests finish. The step thread asks try_pin() for a slot when it admits a sequence: a
+GPU-resident adapter is pinned at once; one in the CPU cache is copied into a free or evicted
+slot; one only on disk is read by a background thread while other requests keep running, and
+pinned once read, if its files still match the fingerprint of the read that validated it (else
+its requests fail with AdapterFilesChanged until it is reloaded). Registry and CPU cache are
+shared with the caller's thread under a lock; slots belong to the step thread alone.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.config import LoraConfig, ModelConfig
 from engine.errors import AdapterAlreadyExists, AdapterNotFound
@@ -31,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AdapterHandle:
+    """One registration of an adapter; request.lora_int_id is its never-reused id."""
+
     request: LoRARequest
-    version: int
     fingerprint: Fingerprint = ()  # of the validating read; a re-read from disk must match it
 
     @property
@@ -40,23 +46,25 @@ class AdapterHandle:
         return self.request.lora_name
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.request.lora_name, self.version)
+    def key(self) -> int:
+        return self.request.lora_int_id
 
 
 class LoraManager:
     def __init__(self, config: LoraConfig, model_config: ModelConfig, model,
-                 native_layout: str) -> None:
+                 native_layout: str, base_model: str | None = None) -> None:
         self.config = config
+        self.base_model = base_model  # the served checkpoint, to warn of adapters of another
         self.model_config = model_config
         self.model = model
         self.native_layout = native_layout
         self.slots = AdapterSlots(config.max_loras)
         self.cpu_capacity = config.max_cpu_loras or config.max_loras
         self._registry: dict[str, AdapterHandle] = {}
-        self._cpu: OrderedDict[tuple[str, int], LoraAdapter] = OrderedDict()
-        self._loading: dict[tuple[str, int], Future] = {}
-        self._blocked: set[tuple[str, int]] = set()
+        self._cpu: OrderedDict[int, LoraAdapter] = OrderedDict()
+        self._loading: dict[int, Future] = {}
+        self._blocked: set[int] = set()
+        self._ids = itertools.count(1)  # registration ids: never reused, even after an unload
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-reader")
         self.loads_total = 0  # adapter copies into GPU slots
@@ -72,9 +80,8 @@ class LoraManager:
         return read_adapter(
             req.lora_name, req.lora_path, self.model_config, self.config.max_lora_rank,
             is_3d_lora_weight=req.is_3d_lora_weight, native_layout=self.native_layout,
-            allow_mixed=self.config.enable_mixed_moe_lora_format,
-            base_model_name=req.base_model_name, allowed_roots=req.allowed_roots,
-            expected=expected)
+            allow_mixed=self.config.enable_mixed_moe_lora_format, dtype=self.model.dtype,
+            base_model=self.base_model, allowed_roots=req.allowed_roots, expected=expected)
 
     def check_new(self, req: LoRARequest) -> None:
         with self._lock:
@@ -84,12 +91,11 @@ class LoraManager:
                     "to load the adapter in place, set 'load_inplace' to True.")
 
     def register(self, req: LoRARequest, adapter: LoraAdapter) -> AdapterHandle:
-        """Make a read adapter servable under its name (a new version if the name exists)."""
+        """Make a read adapter servable under its name, as a registration with a new id."""
         self.check_new(req)
         with self._lock:
             old = self._registry.get(req.lora_name)
-            handle = AdapterHandle(req, 0 if old is None else old.version + 1,
-                                   adapter.fingerprint)
+            handle = AdapterHandle(replace(req, lora_int_id=next(self._ids)), adapter.fingerprint)
             self._registry[req.lora_name] = handle
             self._cache_put(handle.key, adapter)
             if old is not None:
@@ -124,13 +130,13 @@ class LoraManager:
         return {h.name: "gpu" if self.slots.lookup(h.key) is not None
                 else "cpu" if h.key in cpu else "disk" for h in handles}
 
-    def _cache_put(self, key: tuple[str, int], adapter: LoraAdapter) -> None:
+    def _cache_put(self, key: int, adapter: LoraAdapter) -> None:
         self._cpu[key] = adapter
         self._cpu.move_to_end(key)
         while len(self._cpu) > self.cpu_capacity:
             self._cpu.popitem(last=False)
 
-    def _cache_get(self, key: tuple[str, int]) -> LoraAdapter | None:
+    def _cache_get(self, key: int) -> LoraAdapter | None:
         with self._lock:
             adapter = self._cpu.get(key)
             if adapter is not None:
@@ -154,7 +160,7 @@ class LoraManager:
         slot, evicted = taken
         if evicted is not None:
             self.evictions_total += 1
-            logger.debug("evicted adapter %s from slot %d", evicted[0], slot)
+            logger.debug("evicted adapter registration %d from slot %d", evicted, slot)
         self.model.write_lora_slot(slot, adapter.weights)
         self.slots.assign(slot, handle.key)
         self.slots.pin(slot)
@@ -186,12 +192,15 @@ class LoraManager:
         self.slots.unpin(slot)
 
     def release_stale(self) -> None:
-        """Free idle slots of unloaded adapters and replaced versions (called every step)."""
+        """Free idle slots of unloaded and replaced registrations (called every step)."""
         with self._lock:
             live = {h.key for h in self._registry.values()}
         for slot in self.slots.idle_slots():
             if self.slots.key_of[slot] not in live:
                 self.slots.release(slot)
+        for key in [k for k, future in self._loading.items() if k not in live and future.done()]:
+            del self._loading[key]  # a waiting request of that registration reads it again
+        self._blocked &= live
 
     def shutdown(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)

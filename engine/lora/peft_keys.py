@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from engine.errors import AdapterLoadError
+from engine.lora.validate import check_scale, is_number, is_rank
 
 logger = logging.getLogger(__name__)
 
@@ -228,33 +229,31 @@ class LoraHyper:
     @classmethod
     def from_config(cls, config: dict) -> LoraHyper:
         r, alpha = config.get("r"), config.get("lora_alpha")
-        if not _is_rank(r) or not _is_number(alpha):
+        if not is_rank(r) or not is_number(alpha):
             raise AdapterLoadError(f"adapter_config.json: r must be a positive integer and "
-                                   f"lora_alpha a number, found r={r!r}, lora_alpha={alpha!r}")
-        return cls(r, float(alpha), _patterns(config, "rank_pattern", _is_rank),
-                   _patterns(config, "alpha_pattern", _is_number), bool(config.get("use_rslora")),
+                                   f"lora_alpha a finite number, found r={r!r:.40}, "
+                                   f"lora_alpha={alpha!r:.40}")
+        return cls(r, float(alpha), _patterns(config, "rank_pattern", is_rank),
+                   _patterns(config, "alpha_pattern", is_number), bool(config.get("use_rslora")),
                    fused_targets(config.get("target_parameters")), config.get("peft_version"))
 
     def rank_and_scale(self, peft_name: str) -> tuple[int, float]:
         r = int(pattern_value(self.rank_pattern, peft_name, self.r))
-        alpha = pattern_value(self.alpha_pattern, peft_name, self.alpha)
-        return r, alpha / (math.sqrt(r) if self.use_rslora else r)
-
-
-def _is_rank(value) -> bool:
-    return isinstance(value, int) and value > 0
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float))
+        alpha = float(pattern_value(self.alpha_pattern, peft_name, self.alpha))
+        scale = alpha / (math.sqrt(r) if self.use_rslora else r)
+        check_scale(peft_name, r, alpha, scale)
+        return r, scale
 
 
 def _patterns(config: dict, name: str, is_valid) -> Patterns:
     """A rank_pattern / alpha_pattern object, compiled the way PEFT matches it."""
     patterns = config.get(name) or {}
-    if not isinstance(patterns, dict) or not all(map(is_valid, patterns.values())):
-        raise AdapterLoadError(f"adapter_config.json: {name} must map regexes to valid values "
-                               f"({'positive integers' if name == 'rank_pattern' else 'numbers'})")
+    wrong = ([(k, v) for k, v in patterns.items() if not is_valid(v)][:1]
+             if isinstance(patterns, dict) else [("", patterns)])
+    if wrong:
+        valid = "positive integers" if name == "rank_pattern" else "finite numbers"
+        raise AdapterLoadError(f"adapter_config.json: {name} must map regexes to {valid}, found "
+                               f"{wrong[0][0]!r:.40}: {wrong[0][1]!r:.40}")
     try:
         return tuple((re.compile(rf"(.*\.)?({key})$"), value) for key, value in patterns.items())
     except re.error as err:

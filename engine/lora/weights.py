@@ -42,7 +42,6 @@ class LoraAdapter:
     weights: dict[str, LoraWeights]
     expert_layout: ExpertLayout | None  # None: the adapter has no expert LoRA
     rank: int  # the largest rank of any module
-    base_model_name: str | None = None
     meta: dict = field(default_factory=dict)  # peft_version, target_modules... for logs
     fingerprint: Fingerprint = ()  # the files read (engine.lora.files), checked on re-reads
 

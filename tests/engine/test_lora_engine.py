@@ -178,3 +178,25 @@ def test_inplace_reload_serves_new_requests_only(served):
 
     before, after = asyncio.run(main())
     assert before[: len(old)] == old and after[: len(new)] == new
+
+
+def test_unload_then_load_under_the_same_name_serves_the_new_weights(served):
+    """The engine is idle between the steps: no step runs between the unload and the load."""
+    engine, adapters, path = served
+    ref = LLM(path, max_loras=2, max_lora_rank=8, enable_mixed_moe_lora_format=True)
+    expected = {kind: tokens(ref, lora(kind, adapters[kind]), [PROMPTS[1]])[0]
+                for kind in ("2d", "3d")}
+    assert expected["2d"] != expected["3d"]
+
+    async def main():
+        got, ids = [], set()
+        for kind in ("2d", "3d", "2d"):
+            await engine.add_lora(lora("x", adapters[kind]))
+            ids |= {r.lora_int_id for r in engine.list_loras()}
+            got.append((kind, await stream(engine, PROMPTS[1], "x")))
+            await engine.remove_lora("x")
+        return got, ids
+
+    got, ids = asyncio.run(main())
+    assert all(out[: len(expected[kind])] == expected[kind] for kind, out in got), got
+    assert len(ids) == 3 and engine.list_loras() == [] and engine.is_alive

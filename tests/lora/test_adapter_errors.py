@@ -41,6 +41,17 @@ EXPECTED = {  # kind -> what the message must say, for both the 2D and the 3D go
     "rank_mismatch": KEY + r"self_attn\.\w+\.lora_A\.weight: rank 4 differs from the rank 8",
     "rank_too_high": r"layers\.0\.self_attn\.\w+ has LoRA rank 64, above the server's limit 16 "
                      r"\(--max-lora-rank\)",
+    "nan_alpha": r"lora_alpha a finite number, found r=4, lora_alpha=nan",
+    "huge_alpha": r"lora_alpha 1e\+300 with rank 4 gives model\.layers\.\S+ a LoRA scale of "
+                  r"2\.5e\+299, beyond loramux's limit of 10000",
+    "huge_alpha_pattern": r"lora_alpha 1e\+09 with rank 4 gives model\.layers\.0\.self_attn\."
+                          r"q_proj a LoRA scale of 2\.5e\+08.*alpha_pattern",
+    "bool_rank": r"r must be a positive integer .*found r=True",
+    "bool_rank_pattern": r"rank_pattern must map regexes to positive integers, found 'q_proj': "
+                         r"True",
+    "overflowing_delta": r"layers\.0\.\S+: its LoRA delta \(scale x lora_B @ lora_A\) has an "
+                         r"entry of magnitude \d\S*e\+60, beyond loramux's limit of 1000",
+    "huge_delta": r"layers\.0\.\S+: its LoRA delta .* magnitude \d\S*e\+0[4-7], beyond",
 }
 
 
@@ -107,7 +118,7 @@ def test_adapter_mixing_2d_and_3d_expert_keys_is_refused(good, tmp_path):
     ("layer_replication", [[0, 2]], r"layer_replication"),
     ("peft_type", "IA3", r"peft_type 'IA3'"),
     ("rank_pattern", {"q_proj": 0}, r"positive integers"),
-    ("lora_alpha", "eight", r"lora_alpha a number, found r=4, lora_alpha='eight'"),
+    ("lora_alpha", "eight", r"lora_alpha a finite number, found r=4, lora_alpha='eight'"),
     ("alpha_pattern", {"(": 2}, r"alpha_pattern key is not a regex"),
 ])
 def test_config_options_beyond_plain_lora_are_refused(option, value, expected, good, tmp_path):
@@ -176,3 +187,15 @@ def _write(path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / "adapter_config.json").write_text(json.dumps(config))
     save_file({k: v.clone() for k, v in tensors.items()}, path / "adapter_model.safetensors")
+
+
+def test_adapter_of_another_base_model_loads_with_a_warning(good, tmp_path, caplog):
+    config, dirs = good
+    for trained_on, warned in (("Org/Other-MoE", True), ("org/TINY-base", False), (None, False)):
+        _write(tmp_path, {**_config(dirs["2d"]), "base_model_name_or_path": trained_on},
+               _tensors(dirs["2d"]))
+        caplog.clear()
+        read_adapter("other", str(tmp_path), config, 16, base_model="/models/tiny-base/")
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert bool(said) == warned, said
+        assert not warned or "'Org/Other-MoE'" in said[0] and "'tiny-base'" in said[0]

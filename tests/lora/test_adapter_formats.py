@@ -229,9 +229,8 @@ def test_base_layer_segments_in_2d_module_paths_are_ignored(tmp_path):
 def test_layout_flags_that_agree_are_accepted_and_meta_is_filled(tmp_path):
     hf, config = tiny("qwen3_moe")
     path = make_peft_3d_adapter(hf, tmp_path / "a")
-    adapter = _read(path, config, is_3d_lora_weight=True, native_layout="3d", allow_mixed=False,
-                    base_model_name="tiny-base")
-    assert adapter.base_model_name == "tiny-base" and adapter.name == "test"
+    adapter = _read(path, config, is_3d_lora_weight=True, native_layout="3d", allow_mixed=False)
+    assert adapter.name == "test"
     assert adapter.meta["peft_version"] and adapter.meta["num_targets"] == 18
     assert all(w.a.dtype == torch.float32 and w.a.device.type == "cpu"
                for w in adapter.weights.values())

@@ -23,7 +23,10 @@ PROBLEM_WORDS = {
     "missing_lora_b": "lora_B", "unknown_module": "layers.99", "non_lora_key": "not a LoRA",
     "unsupported_target_parameter": "target_parameters", "wrong_hidden_size": "hidden_size",
     "wrong_num_experts": "num_experts", "wrong_intermediate_size": "intermediate_size",
-    "rank_mismatch": "rank", "rank_too_high": "--max-lora-rank",
+    "rank_mismatch": "rank", "rank_too_high": "--max-lora-rank", "nan_alpha": "lora_alpha",
+    "huge_alpha": "lora_alpha", "huge_alpha_pattern": "alpha_pattern", "bool_rank": "r must be",
+    "bool_rank_pattern": "rank_pattern", "overflowing_delta": "LoRA delta",
+    "huge_delta": "LoRA delta",
 }
 
 
