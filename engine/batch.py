@@ -1,8 +1,8 @@
-"""What the model reads each step: positions, attention indexing and LoRA indexing."""
+"""What the model reads each step: positions, attention, state and LoRA indexing."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,9 +38,25 @@ class AttentionMeta:
 
 
 @dataclass(slots=True)
+class StateMeta:
+    """Where each of the step's B sequences keeps its state of one kind (engine/memory/specs.py).
+
+    Row i of a module's state tensor [num_slots + 1, ...] is read at slots[i]. A fresh row (its
+    sequence starts at position 0: new, or recomputed after preemption) must start from a zero
+    state, not read the slot. Padding rows of a CUDA-graph step use the scratch slot
+    (num_slots); a graph step never has fresh rows, so a captured forward need not test them.
+    """
+
+    slots: torch.Tensor  # [B] int32 on the device
+    slots_host: list[int]
+    fresh_host: list[bool]
+
+
+@dataclass(slots=True)
 class ForwardContext:
     """Built once per step by the runner; every layer only reads it."""
 
     positions: torch.Tensor  # [T] int64
     attn: AttentionMeta
     lora: LoraMeta | None  # None when LoRA is disabled
+    states: dict[str, StateMeta] = field(default_factory=dict)  # state kind -> its slots

@@ -11,12 +11,12 @@ import torch
 from engine.config import EngineConfig, ModelConfig, parse_dtype
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import AdapterLoadError, EngineOverloaded, InvalidRequest, PromptTooLong
-from engine.kv_cache import BlockAllocator
 from engine.lora.manager import AdapterHandle, LoraManager
+from engine.memory import MemoryPools, device_budget, plan_memory
 from engine.model import build_model, load_weights
 from engine.outputs import RequestState
 from engine.request import LoRARequest, RequestOutput, SamplingParams, TokenLogprob
-from engine.runner import ModelRunner, choose_num_blocks
+from engine.runner import ModelRunner
 from engine.sampler import SampleResult
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence
@@ -57,18 +57,18 @@ class EngineCore:
                                  max_loras=num_slots, max_lora_rank=lora.max_lora_rank)
         self.native_layout = load_weights(self.model, config.model, config.load_format)
         sched = config.scheduler
-        num_blocks = choose_num_blocks(self.model_config, config.cache, self.dtype, self.device,
-                                       self.max_model_len, sched.max_num_seqs)
-        self.allocator = BlockAllocator(num_blocks, config.cache.block_size)
+        specs = [module.memory_spec() for module in self.model.memory_modules()]
+        plan = plan_memory(specs, config.cache, device_budget(config.cache, self.device),
+                           self.max_model_len, sched.max_num_seqs, num_slots)
+        self.pools = MemoryPools(plan)
         cuda_graphs = (self.device.type == "cuda" and ops.CUDA_GRAPH_SAFE
                        and not config.enforce_eager)
-        self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks,
-                                  sched.max_num_batched_tokens, sched.max_num_seqs,
-                                  self.max_model_len, num_slots, self.device, self.dtype,
-                                  cuda_graphs)
+        self.runner = ModelRunner(self.model, plan, sched.max_num_batched_tokens,
+                                  sched.max_num_seqs, self.max_model_len, num_slots,
+                                  self.device, cuda_graphs)
         self.lora = (LoraManager(lora, self.model_config, self.model, self.native_layout,
-                                 config.model) if lora.enabled else None)
-        self.scheduler = Scheduler(sched, self.allocator, self.lora)
+                                 self.pools.adapters, config.model) if lora.enabled else None)
+        self.scheduler = Scheduler(sched, self.pools, self.lora)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.eos_ids = eos_token_ids(config.model, self.model_config, self.tokenizer)
         self.requests: dict[str, RequestState] = {}
@@ -110,11 +110,11 @@ class EngineCore:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
                 "for the completion). Please reduce the length of the prompt or completion.")
-        needed = self.allocator.blocks_needed([], prompt_len + max_tokens)
-        if needed > self.allocator.num_blocks:
+        blocks = self.pools.blocks
+        if blocks.blocks_needed([], prompt_len + max_tokens) > blocks.num_blocks:
             raise PromptTooLong(
                 f"the request needs {prompt_len + max_tokens} tokens of KV cache but the cache "
-                f"holds {self.allocator.num_blocks * self.allocator.block_size}")
+                f"holds {blocks.num_blocks * blocks.block_size}")
         return max_tokens
 
     def _sequence(self, request_id: str, index: int, prompt: list[int], params: SamplingParams,

@@ -47,11 +47,13 @@ class DecodeGraphs:
         self._pool = None
 
     def bucket(self, batch: Batch) -> int | None:
-        """The smallest bucket that holds a decode-only step, else None (run it eagerly)."""
+        """The smallest bucket that holds a decode-only step, else None (run it eagerly).
+
+        A one-token prompt's first step also runs eagerly: graphs never see a fresh state row."""
         num_seqs = len(batch.items)
         if not 0 < num_seqs <= self.buckets[-1]:
             return None
-        if any(item.num_tokens != 1 for item in batch.items):
+        if any(item.num_tokens != 1 or item.seq.num_computed == 0 for item in batch.items):
             return None
         return self.buckets[bisect.bisect_left(self.buckets, num_seqs)]
 

@@ -189,7 +189,7 @@ class Engine:
         waiting = {q.request_id: q.adapter_name for q in core.scheduler.waiting
                    if q.status is SeqStatus.WAITING}
         s.num_running, s.num_waiting = len(running), len(waiting)
-        s.kv_cache_usage = core.allocator.usage
+        s.kv_cache_usage = core.pools.blocks.usage
         s.running_lora_adapters = sorted({a for a in running.values() if a})
         s.waiting_lora_adapters = sorted({a for a in waiting.values() if a})
         s.preemptions_total = core.scheduler.num_preemptions

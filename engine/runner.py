@@ -8,73 +8,42 @@ import time
 
 import torch
 
-from engine.batch import AttentionMeta, ForwardContext
-from engine.config import CacheConfig, ModelConfig
+from engine.batch import AttentionMeta, ForwardContext, StateMeta
 from engine.cuda_graphs import DecodeGraphs
-from engine.errors import ModelLoadError
+from engine.memory import MemoryPlan
 from engine.sampler import SampleResult, Sampler
 from engine.scheduler import Batch
+from engine.worker.memory import allocate_memory
 from kernels import LoraMeta
 
 logger = logging.getLogger(__name__)
 
 
-def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one block over all layers."""
-    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
-    return per_token * block_size * torch.empty((), dtype=dtype).element_size()
-
-
-def choose_num_blocks(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype,
-                      device: torch.device, max_model_len: int, max_num_seqs: int) -> int:
-    """KV blocks to allocate: an explicit count, else what the memory budget allows, but never
-    more than max_num_seqs sequences of max_model_len tokens can use."""
-    if cache.num_blocks is not None:
-        return cache.num_blocks
-    budget = cache.kv_cache_memory_gb * 2**30
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = free - (1 - cache.gpu_memory_utilization) * total
-    per_seq = -(-max_model_len // cache.block_size)
-    blocks = min(int(budget // kv_block_bytes(config, cache.block_size, dtype)),
-                 per_seq * max_num_seqs)
-    if blocks < per_seq:
-        raise ModelLoadError(
-            f"the KV cache budget ({budget / 2**30:.2f} GiB) holds {max(blocks, 0)} blocks of "
-            f"{cache.block_size} tokens, fewer than one {max_model_len}-token sequence needs; "
-            "lower --max-model-len or give the cache more memory")
-    return blocks
-
-
 class ModelRunner:
-    """Owns the model, its KV cache and the per-step input buffers.
+    """Owns the model, its declared memory (KV caches, states) and the per-step input buffers.
 
     Step inputs are written into buffers preallocated for the largest step (max tokens, max
     sequences), so a step allocates no device memory and its tensors have fixed addresses.
     With cuda_graphs, decode-only steps replay graphs that read those buffers (cuda_graphs.py).
     """
 
-    def __init__(self, model, model_config: ModelConfig, cache: CacheConfig, num_blocks: int,
-                 max_tokens: int, max_seqs: int, max_model_len: int, num_slots: int,
-                 device: torch.device, dtype: torch.dtype, cuda_graphs: bool = False) -> None:
+    def __init__(self, model, plan: MemoryPlan, max_tokens: int, max_seqs: int,
+                 max_model_len: int, num_slots: int, device: torch.device,
+                 cuda_graphs: bool = False) -> None:
         self.model = model
         self.device = device
-        self.block_size = cache.block_size
+        self.block_size = plan.block_size
         self.num_slots = num_slots
-        layers, kv_heads, head_dim = model.kv_cache_spec()
-        # one block past the allocator's: CUDA-graph padding rows write their K/V into it
-        shape = (num_blocks + 1, cache.block_size, kv_heads, head_dim)
-        self.scratch_slot = num_blocks * cache.block_size
-        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        model.bind_kv_cache(self.k_caches, self.v_caches)
-        self.max_blocks = -(-max_model_len // cache.block_size)
+        allocated = allocate_memory(model.memory_modules(), plan, device)
+        # one block / state slot past the pools': CUDA-graph padding rows write into it
+        self.scratch_slot = plan.num_blocks * plan.block_size
+        self.scratch_states = dict(plan.state_slots)
+        self.max_blocks = -(-max_model_len // plan.block_size)
         self.pinned = device.type == "cuda"
         self._host = self._buffers(max_tokens, max_seqs, self.max_blocks, "cpu")
         self._dev = self._buffers(max_tokens, max_seqs, self.max_blocks, device)
         self.sampler = Sampler()
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cache.block_size,
-                    2 * layers * torch.zeros(shape, dtype=dtype, device="meta").nbytes / 2**30)
+        logger.info("memory: %s; %.2f GiB allocated", plan.describe(), allocated / 2**30)
         self.graphs = self._capture_graphs(min(max_seqs, max_tokens)) if cuda_graphs else None
 
     @torch.inference_mode()
@@ -99,7 +68,9 @@ class ModelRunner:
     def _buffers(self, max_tokens: int, max_seqs: int, max_blocks: int, device) -> dict:
         pin = self.pinned and device == "cpu"
         i64, i32 = torch.int64, torch.int32
-        return {
+        states = {f"state:{kind}": torch.zeros(max_seqs, dtype=i32, device=device, pin_memory=pin)
+                  for kind in self.scratch_states}
+        return states | {
             "input_ids": torch.zeros(max_tokens, dtype=i64, device=device, pin_memory=pin),
             "positions": torch.zeros(max_tokens, dtype=i64, device=device, pin_memory=pin),
             "slot_mapping": torch.zeros(max_tokens, dtype=i64, device=device, pin_memory=pin),
@@ -134,6 +105,7 @@ class ModelRunner:
         one-token rows and use full-width block tables (the shapes a decode graph holds)."""
         ids, pos, slots, token_slot, rows = [], [], [], [], []
         query_start, query_lens, seq_lens, tables = [0], [], [], []
+        states: dict[str, list[int]] = {kind: [] for kind in self.scratch_states}
         bs = self.block_size
         for item in batch.items:
             seq, start = item.seq, item.seq.num_computed
@@ -141,7 +113,9 @@ class ModelRunner:
             ids += seq.token_range(start, stop)
             pos += range(start, stop)
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, stop)]
-            token_slot += [seq.slot] * item.num_tokens
+            token_slot += [seq.adapter_slot] * item.num_tokens
+            for kind, kind_slots in states.items():
+                kind_slots.append(seq.state_slots[kind])
             query_start.append(query_start[-1] + item.num_tokens)
             query_lens.append(item.num_tokens)
             seq_lens.append(stop)
@@ -157,6 +131,8 @@ class ModelRunner:
             query_lens.append(1)
             seq_lens.append(0)
             tables.append([])
+            for kind, kind_slots in states.items():
+                kind_slots.append(self.scratch_states[kind])
         num_tokens, num_seqs = len(ids), len(seq_lens)
         self._fill("input_ids", ids)
         self._fill("positions", pos)
@@ -170,7 +146,12 @@ class ModelRunner:
                              d["seq_lens"][:num_seqs], self._fill_tables(tables, width),
                              query_lens, seq_lens)
         lora = LoraMeta.build(token_slot, self.num_slots, self.device) if self.num_slots else None
-        ctx = ForwardContext(d["positions"][:num_tokens], attn, lora)
+        fresh = [q == n for q, n in zip(query_lens, seq_lens)]
+        for kind, kind_slots in states.items():
+            self._fill(f"state:{kind}", kind_slots)
+        ctx = ForwardContext(d["positions"][:num_tokens], attn, lora, {
+            kind: StateMeta(d[f"state:{kind}"][:num_seqs], kind_slots, fresh)
+            for kind, kind_slots in states.items()})
         return ctx, d["input_ids"][:num_tokens], rows
 
     def _fill_tables(self, tables: list[list[int]], width: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ admission order: a decoding sequence takes 1 token, a sequence mid-prefill takes
 prompt up to the budget (chunked prefill). When the KV cache cannot hold a running sequence's new
 tokens, the most recently admitted running sequence is preempted: its blocks are freed and it goes
 back to the front of the waiting queue to be recomputed later (outputs are unchanged). Then waiting
-sequences are admitted in FIFO order while budget, KV blocks and max_num_seqs allow. A sequence
+sequences are admitted in FIFO order while budget, max_num_seqs and every memory pool allow (KV
+blocks, and a state slot of each kind the model declares: MemoryPools). A sequence
 with an adapter also needs a GPU slot (LoraManager.try_pin); the slot stays pinned while it runs,
 so no step ever has more distinct adapters than slots. Once a request cannot get a slot, later
 adapter requests are not admitted either (base requests still are), so the blocked one gets the
@@ -20,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.config import SchedulerConfig
-from engine.kv_cache import BlockAllocator
+from engine.memory import MemoryPools
 from engine.sequence import Sequence, SeqStatus
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,9 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, lora=None) -> None:
+    def __init__(self, config: SchedulerConfig, pools: MemoryPools, lora=None) -> None:
         self.config = config
-        self.allocator = allocator
+        self.pools = pools
         self.lora = lora  # engine.lora.manager.LoraManager or None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -73,7 +74,7 @@ class Scheduler:
 
     def _make_room(self, seq: Sequence, n: int) -> bool:
         """Preempt the latest running sequences until `seq` can grow by n tokens."""
-        while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+        while not self.pools.can_grow(seq, n):
             victim = self.running[-1]
             self.preempt(victim)
             if victim is seq:
@@ -81,7 +82,7 @@ class Scheduler:
         return True
 
     def _take(self, seq: Sequence, n: int) -> ScheduledSeq:
-        self.allocator.grow(seq.block_table, seq.num_computed + n)
+        self.pools.grow(seq, n)
         return ScheduledSeq(seq, n, samples=(n == seq.num_uncomputed))
 
     def _admit(self, items: list[ScheduledSeq], budget: int) -> list[Sequence]:
@@ -91,8 +92,8 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             n = min(seq.num_uncomputed, budget)
-            if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
-                break  # FIFO on memory: wait for blocks rather than let later ones pass
+            if not self.pools.can_admit(seq, n):
+                break  # FIFO on memory: wait for room rather than let later ones pass
             if seq.adapter is not None:
                 if slot_blocked:
                     continue
@@ -106,8 +107,9 @@ class Scheduler:
                 if slot is None:
                     slot_blocked = slot_blocked or self.lora.is_waiting_for_slot(seq.adapter)
                     continue
-                seq.slot = slot
+                seq.adapter_slot = slot
             self.waiting.remove(seq)
+            self.pools.admit(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             items.append(self._take(seq, n))
@@ -115,7 +117,7 @@ class Scheduler:
         return failed
 
     def preempt(self, seq: Sequence) -> None:
-        logger.debug("preempting %s (seq %d) for KV blocks", seq.request_id, seq.seq_id)
+        logger.debug("preempting %s (seq %d) for memory", seq.request_id, seq.seq_id)
         self._release(seq)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
@@ -123,7 +125,7 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a sequence from either queue and free its blocks and slot pin."""
+        """Remove a sequence from either queue and free all the memory it holds."""
         self._release(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
@@ -132,7 +134,4 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-        self.allocator.free(seq.block_table)
-        if seq.slot >= 0:
-            self.lora.unpin(seq.slot)
-            seq.slot = -1
+        self.pools.release(seq)

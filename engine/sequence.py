@@ -19,7 +19,7 @@ class SeqStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """Tokens, KV blocks and progress of one sample.
+    """Tokens, memory held (KV blocks, state slots, adapter slot) and progress of one sample.
 
     `num_computed` tokens of `prompt + output` have their K/V in the cache; the runner feeds the
     rest. After preemption (recompute) num_computed drops to 0 and the whole history is
@@ -42,8 +42,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    arrival: float = 0.0
-    slot: int = -1  # adapter slot pinned while running; -1 = none
+    adapter_slot: int = -1  # adapter slot pinned while running; -1 = none
+    state_slots: dict[str, int] = field(default_factory=dict)  # kind -> slot, while running
     error: Exception | None = None  # why the sequence could not run (adapter re-read failed)
 
     @property

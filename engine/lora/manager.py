@@ -27,8 +27,8 @@ from engine.config import LoraConfig, ModelConfig
 from engine.errors import AdapterAlreadyExists, AdapterNotFound
 from engine.lora.adapter import read_adapter
 from engine.lora.files import Fingerprint
-from engine.lora.slots import AdapterSlots
 from engine.lora.weights import LoraAdapter
+from engine.memory import AdapterSlots
 from engine.request import LoRARequest
 
 logger = logging.getLogger(__name__)
@@ -52,13 +52,13 @@ class AdapterHandle:
 
 class LoraManager:
     def __init__(self, config: LoraConfig, model_config: ModelConfig, model,
-                 native_layout: str, base_model: str | None = None) -> None:
+                 native_layout: str, slots: AdapterSlots, base_model: str | None = None) -> None:
         self.config = config
         self.base_model = base_model  # the served checkpoint, to warn of adapters of another
         self.model_config = model_config
         self.model = model
         self.native_layout = native_layout
-        self.slots = AdapterSlots(config.max_loras)
+        self.slots = slots  # the engine's pool (MemoryPools.adapters): pins end with a sequence
         self.cpu_capacity = config.max_cpu_loras or config.max_loras
         self._registry: dict[str, AdapterHandle] = {}
         self._cpu: OrderedDict[int, LoraAdapter] = OrderedDict()
@@ -187,9 +187,6 @@ class LoraManager:
             if self._registry.get(handle.name) == handle:
                 self._cache_put(handle.key, adapter)
         return adapter
-
-    def unpin(self, slot: int) -> None:
-        self.slots.unpin(slot)
 
     def release_stale(self) -> None:
         """Free idle slots of unloaded and replaced registrations (called every step)."""

@@ -2,7 +2,8 @@
 
     model = build_model(config, dtype, device, kernels.select_ops(device), max_loras, max_rank)
     native_layout = load_weights(model, path)          # "2d" or "3d" expert layout on disk
-    model.bind_kv_cache(k_caches, v_caches)
+    for module in model.memory_modules():              # each declares memory_spec()
+        module.bind_memory(tensors)                    # {"k", "v"} or its state tensors
     hidden = model(input_ids, ctx)                     # [T] -> [T, H]
     logits = model.compute_logits(hidden[last_rows])   # [B, V] float32
 """

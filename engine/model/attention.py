@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.batch import AttentionMeta, ForwardContext
 from engine.config import ModelConfig
+from engine.memory.specs import PagedKV
 from engine.model.layers import RMSNorm, apply_rope
 from engine.model.lora_linear import LoraLinear
 
@@ -102,8 +103,16 @@ class Attention(nn.Module):
             q_dim, k_dim = (self.head_dim, self.head_dim) if per_head else (q_out, kv_out)
             self.q_norm = RMSNorm(q_dim, config.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(k_dim, config.rms_norm_eps, dtype, device)
+        self.dtype = dtype
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+
+    def memory_spec(self) -> PagedKV:
+        return PagedKV(self.num_kv_heads, self.head_dim, self.dtype)
+
+    def bind_memory(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The paged caches {"k", "v"}, each [num_blocks, block_size, G, D]."""
+        self.k_cache, self.v_cache = tensors["k"], tensors["v"]
 
     def _project(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, ...]:
         """x [T, H] -> q [T, N, D], k [T, G, D], v [T, G, D] before RoPE."""

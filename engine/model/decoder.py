@@ -19,6 +19,7 @@ from torch import nn
 from engine.batch import ForwardContext
 from engine.config import ModelConfig
 from engine.lora.weights import LoraWeights
+from engine.memory.specs import MemoryModule
 from engine.model.attention import Attention
 from engine.model.layers import GatedMlp, RMSNorm, RotaryEmbedding
 from engine.model.lora_linear import LoraLinear
@@ -64,8 +65,9 @@ class DecoderModel(nn.Module):
 class MoeForCausalLM(nn.Module):
     """The served model: forward over a step's tokens, logits for chosen rows, KV and LoRA slots.
 
-    Build it with `build_model`, fill it with `load_weights`, then `bind_kv_cache` before the
-    first forward. LoRA slot buffers exist only when max_loras > 0.
+    Build it with `build_model`, fill it with `load_weights`, then bind every module of
+    `memory_modules()` to its memory (engine/memory/specs.py) before the first forward. LoRA
+    slot buffers exist only when max_loras > 0.
     """
 
     def __init__(self, config: ModelConfig, *, ops: ModuleType, max_loras: int, max_rank: int,
@@ -100,18 +102,17 @@ class MoeForCausalLM(nn.Module):
         """hidden [B, H] -> logits [B, V] float32."""
         return F.linear(hidden, self.lm_head.weight).float()
 
-    def kv_cache_spec(self) -> tuple[int, int, int]:
-        """(num_layers, num_kv_heads, head_dim) of the paged KV cache the engine allocates."""
-        return self.config.num_layers, self.config.num_kv_heads, self.config.head_dim
+    def memory_modules(self) -> list[MemoryModule]:
+        """The modules with per-sequence memory, in module order (attention's paged KV cache,
+        a recurrent layer's state): each declares `memory_spec()` and takes `bind_memory`."""
+        return [m for m in self.modules() if callable(getattr(m, "memory_spec", None))]
 
-    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
-        """One K and one V cache per layer, each [num_blocks, block_size, G, D]."""
-        layers = self.model.layers
-        if len(k_caches) != len(layers) or len(v_caches) != len(layers):
-            raise ValueError(f"expected {len(layers)} K and V caches, "
-                             f"got {len(k_caches)} and {len(v_caches)}")
-        for layer, k_cache, v_cache in zip(layers, k_caches, v_caches):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = k_cache, v_cache
+    def adapter_slot_bytes(self) -> int:
+        """Device bytes of one adapter slot over every LoRA-capable module."""
+        if not self.max_loras:
+            return 0
+        return sum(b.numel() * b.element_size() for m in self._lora_modules
+                   for b in m.buffers(recurse=False)) // self.max_loras
 
     def write_lora_slot(self, slot: int, weights: dict[str, LoraWeights]) -> None:
         """Load one adapter's weights (canonical names, scale folded into B) into `slot`.

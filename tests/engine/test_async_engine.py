@@ -60,7 +60,7 @@ def test_leaving_a_stream_aborts_and_frees_blocks(engine):
         await gen.aclose()
 
     asyncio.run(main())
-    allocator = engine.core.allocator
+    allocator = engine.core.pools.blocks
     assert wait_until(lambda: allocator.num_free == allocator.num_blocks)
     assert wait_until(lambda: engine.stats().num_running == 0)
 

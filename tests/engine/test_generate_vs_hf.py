@@ -60,7 +60,7 @@ def test_preemption_keeps_outputs(checkpoint):
     tokens, llm = engine_tokens(path, block_size=2, num_blocks=16)
     assert llm.core.scheduler.num_preemptions > 0
     assert tokens == expected
-    assert llm.core.allocator.num_free == 16
+    assert llm.core.pools.blocks.num_free == 16
 
 
 def test_chunked_prefill_keeps_outputs(checkpoint):

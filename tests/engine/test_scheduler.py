@@ -8,8 +8,7 @@ import pytest
 
 from engine.config import SchedulerConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.kv_cache import BlockAllocator
-from engine.lora.slots import AdapterSlots
+from engine.memory import AdapterSlots, BlockAllocator, MemoryPlan, MemoryPools
 from engine.request import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SeqStatus
@@ -24,11 +23,15 @@ class Handle:
         return (self.name, 0)
 
 
-class FakeLora:
-    """try_pin / unpin over real AdapterSlots, without a model."""
+def pools(num_blocks: int, block_size: int = 4, adapter_slots: int = 0, **states) -> MemoryPools:
+    return MemoryPools(MemoryPlan(block_size, num_blocks, states, adapter_slots))
 
-    def __init__(self, num_slots: int) -> None:
-        self.slots = AdapterSlots(num_slots)
+
+class FakeLora:
+    """try_pin over the pools' real AdapterSlots, without a model."""
+
+    def __init__(self, slots: AdapterSlots) -> None:
+        self.slots = slots
         self.blocked: set = set()
 
     def try_pin(self, handle):
@@ -45,9 +48,6 @@ class FakeLora:
 
     def is_waiting_for_slot(self, handle):
         return handle.key in self.blocked
-
-    def unpin(self, slot):
-        self.slots.unpin(slot)
 
 
 def seq(i: int, prompt_len: int = 4, adapter: str | None = None) -> Sequence:
@@ -69,9 +69,9 @@ def test_allocator_grows_and_frees():
 
 
 def test_slot_blocked_adapter_is_not_starved_by_resident_adapters():
-    lora = FakeLora(num_slots=1)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
-                      BlockAllocator(64, 4), lora)
+    memory = pools(64, adapter_slots=1)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), memory,
+                      FakeLora(memory.adapters))
     a, b, c, d = seq(0, adapter="x"), seq(1, adapter="y"), seq(2, adapter="x"), seq(3)
     for s in (a, b, c, d):
         sched.add(s)
@@ -82,13 +82,14 @@ def test_slot_blocked_adapter_is_not_starved_by_resident_adapters():
     assert b.status is SeqStatus.WAITING and c.status is SeqStatus.WAITING
     sched.finish(a)
     batch, _ = sched.schedule()
-    assert b.status is SeqStatus.RUNNING and b.slot == 0
+    assert b.status is SeqStatus.RUNNING and b.adapter_slot == 0
     assert c.status is SeqStatus.WAITING
 
 
 def test_preemption_frees_blocks_of_the_newest_sequence():
-    alloc = BlockAllocator(num_blocks=3, block_size=4)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), alloc)
+    memory = pools(3)
+    alloc = memory.blocks
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), memory)
     first, second = seq(0, prompt_len=4), seq(1, prompt_len=4)
     sched.add(first)
     sched.add(second)
@@ -104,8 +105,7 @@ def test_preemption_frees_blocks_of_the_newest_sequence():
 
 
 def test_chunked_prefill_respects_the_token_budget():
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=6),
-                      BlockAllocator(64, 4))
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=6), pools(64))
     long, short = seq(0, prompt_len=10), seq(1, prompt_len=3)
     sched.add(long)
     sched.add(short)

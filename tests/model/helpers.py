@@ -11,7 +11,9 @@ import torch
 import kernels
 from engine.batch import AttentionMeta, ForwardContext
 from engine.config import ModelConfig
+from engine.memory import MemoryPlan
 from engine.model import MoeForCausalLM, build_model, load_weights
+from engine.worker.memory import allocate_memory
 from kernels import LoraMeta
 
 
@@ -31,11 +33,7 @@ class PagedSession:
 
     def __init__(self, model: MoeForCausalLM, block_size: int = 4, num_blocks: int = 32,
                  seed: int = 0) -> None:
-        layers, kv_heads, head_dim = model.kv_cache_spec()
-        shape = (num_blocks, block_size, kv_heads, head_dim)
-        kw = {"dtype": model.dtype, "device": model.device}
-        model.bind_kv_cache([torch.zeros(shape, **kw) for _ in range(layers)],
-                            [torch.zeros(shape, **kw) for _ in range(layers)])
+        allocate_memory(model.memory_modules(), MemoryPlan(block_size, num_blocks), model.device)
         self.model, self.block_size = model, block_size
         self.free = list(range(1, num_blocks))  # block 0 stays unused: it pads block tables
         random.Random(seed).shuffle(self.free)

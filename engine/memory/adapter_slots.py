@@ -15,7 +15,6 @@ class AdapterSlots:
     """
 
     def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
         self.key_of: list[Hashable | None] = [None] * num_slots
         self.pins = [0] * num_slots
         self._slot_of: dict[Hashable, int] = {}
