@@ -29,6 +29,9 @@ class LoRARequest:
     allowed_roots: tuple[str, ...] = ()
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # seeds are int64, as in vLLM
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
@@ -56,6 +59,8 @@ class SamplingParams:
              f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20,
              f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+             f"seed must be a 64-bit signed integer, got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:

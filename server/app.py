@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from server import __version__
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
+from server.redaction import PathRedactor
 from server.registry import ModelRegistry
 from server.routes import adapters, completions, health, models, responses, tokens
 from server.settings import Settings
@@ -27,11 +28,32 @@ async def _engine_loop(app: FastAPI) -> AsyncIterator[None]:
         engine.shutdown()
 
 
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without the 422 it adds to every route (validation errors are 400s
+    in the OpenAI envelope here; each route documents its own error statuses), and with error
+    bodies as JSON also on the plain-text routes."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                responses = operation["responses"]
+                responses.pop("422", None)
+                for status, response in responses.items():  # errors are JSON on every route
+                    if int(status) >= 400 and response.get("content"):
+                        schema_of = next(iter(response["content"].values()))
+                        response["content"] = {"application/json": schema_of}
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return app.openapi_schema
+
+
 def create_app(engine, settings: Settings) -> FastAPI:
     app = FastAPI(title="loramux", version=__version__, lifespan=_engine_loop)
+    metrics, redactor = ServerMetrics(engine), PathRedactor(settings, engine)
     app.state.server = ServerState(engine=engine, settings=settings,
-                                   models=ModelRegistry(engine, settings),
-                                   metrics=ServerMetrics(engine))
+                                   models=ModelRegistry(engine, settings, metrics, redactor),
+                                   metrics=metrics, redactor=redactor)
+    app.openapi = lambda: _openapi(app)
     install_error_handlers(app)
     for router in (health.router, tokens.ping_router, models.router, completions.router,
                    responses.router, tokens.router):

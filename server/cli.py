@@ -113,6 +113,9 @@ def _add_lora_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-lora-roots", nargs="+", type=Path, default=[], metavar="DIR",
                    help="runtime loads must name a path under one of these directories "
                         "(symlinks resolved; default: any path)")
+    g.add_argument("--redact-paths", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep absolute server paths out of error messages and /v1/models "
+                        "(default: on with --allowed-lora-roots)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +163,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         lora_modules=tuple(args.lora_modules),
         allow_runtime_lora_updating=args.allow_runtime_lora_updating or env_flag(
             RUNTIME_LORA_ENV),
-        allowed_lora_roots=tuple(args.allowed_lora_roots),
+        allowed_lora_roots=tuple(args.allowed_lora_roots), redact_paths=args.redact_paths,
     )
     if args.model is None:
         fields.update(_demo_overrides(args))

@@ -24,6 +24,7 @@ from engine.errors import (
     EngineStopped,
     InvalidRequest,
 )
+from server.responses import ErrorResponse
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ _TYPES = {
     HTTPStatus.NOT_FOUND: "NotFoundError",
     HTTPStatus.CONFLICT: "ConflictError",
     HTTPStatus.METHOD_NOT_ALLOWED: "MethodNotAllowed",
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "RequestTooLargeError",
     HTTPStatus.SERVICE_UNAVAILABLE: "ServiceUnavailableError",
 }
 
@@ -60,6 +62,22 @@ class ApiError(Exception):
 
 class ClientDisconnected(Exception):
     """The HTTP client went away before its answer was complete; nobody reads the reply."""
+
+
+_WHEN = {
+    HTTPStatus.BAD_REQUEST: "invalid request (the message names the field or the problem)",
+    HTTPStatus.UNAUTHORIZED: "missing or wrong API key (--api-key)",
+    HTTPStatus.FORBIDDEN: "lora_path outside --allowed-lora-roots",
+    HTTPStatus.NOT_FOUND: "unknown model, adapter or adapter path",
+    HTTPStatus.CONFLICT: "the adapter's files changed on disk since it was loaded (reload it)",
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "request body over --max-request-body-bytes",
+    HTTPStatus.SERVICE_UNAVAILABLE: "overloaded, shutting down, or the engine loop stopped",
+}
+
+
+def documented(*statuses: HTTPStatus) -> dict:
+    """OpenAPI `responses=` entries for the error statuses a route can answer."""
+    return {int(s): {"model": ErrorResponse, "description": _WHEN[s]} for s in statuses}
 
 
 def model_not_found(model: str, base_name: str) -> ApiError:
@@ -84,22 +102,36 @@ def engine_status(exc: EngineError) -> HTTPStatus:
     return HTTPStatus.INTERNAL_SERVER_ERROR
 
 
+def _where(error: dict) -> str:
+    """An error's location; a whole-body check names the field it found in ctx["field"]."""
+    loc = [str(x) for x in error["loc"]]
+    field = (error.get("ctx") or {}).get("field")
+    return ".".join([*loc, field] if field else loc)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
-    parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors]
-    param = ".".join(str(x) for x in errors[0]["loc"]) if errors else None
+    parts = [f"{_where(e)}: {e['msg']}" for e in errors]
+    param = _where(errors[0]) if errors else None
     return f"{len(errors)} validation error(s): " + "; ".join(parts), param
 
 
+def _public(request: Request, message: str) -> str:
+    """The message as a client may read it (--redact-paths)."""
+    return request.app.state.server.redactor.text(message)
+
+
 async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.param)
+    return error_response(exc.status, _public(request, exc.message), exc.param)
 
 
 async def _on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
     status = engine_status(exc)
-    if status >= 500:
+    if status == HTTPStatus.SERVICE_UNAVAILABLE:  # expected under load: one line, no traceback
+        logger.warning("503 on %s: %s", request.url.path, exc)
+    elif status >= 500:
         logger.error("engine error on %s: %s", request.url.path, exc, exc_info=exc)
-    return error_response(status, str(exc))
+    return error_response(status, _public(request, str(exc)))
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -96,15 +96,18 @@ class CompletionFormatter(_Formatter):
                   entries: list[TokenLogprob]) -> CompletionLogprobs | None:
         if not self.want_logprobs:
             return None
-        result, offset = CompletionLogprobs(), self._offsets.get(choice.index, 0)
+        offset = self._offsets.get(choice.index, 0)
+        tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
         for (token, top), entry in zip(self._pieces(out, choice, entries), entries, strict=True):
-            result.tokens.append(token)
-            result.token_logprobs.append(entry.logprob)
-            result.top_logprobs.append(dict(top))
-            result.text_offset.append(offset)
+            tokens.append(token)
+            token_logprobs.append(entry.logprob)
+            top_logprobs.append(dict(top))
+            text_offset.append(offset)
             offset += len(token)
         self._offsets[choice.index] = offset
-        return result
+        # built whole so that validation floors non-finite logprobs (responses.Logprob)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs,
+                                  top_logprobs=top_logprobs, text_offset=text_offset)
 
     def chunks(self, out: RequestOutput) -> list[CompletionResponse]:
         return [CompletionResponse(id=self.id, model=self.model, choices=[CompletionChoice(

@@ -103,12 +103,39 @@ class ServerMetrics:
         self.e2e = Histogram("loramux_e2e_request_latency_seconds", "Request latency.",
                              by_adapter, buckets=_E2E_BUCKETS, registry=r)
         r.register(EngineStatsCollector(engine))
+        self._per_adapter = (self.prompt_tokens, self.generation_tokens, self.aborts, self.ttft,
+                             self.itl, self.e2e)
+        self._reasons: dict[str, set[str]] = {}  # finish reasons seen per live label value
+        self._live: set[str] = set()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     def timer(self, adapter: str) -> RequestTimer:
         return RequestTimer(self, adapter)
+
+    def track(self, name: str) -> None:
+        """Give `name` (a served base name or a registered adapter) per-request series; only
+        tracked names get any, so the series are bounded by what is loaded."""
+        self._live.add(name)
+        self._reasons.setdefault(name, set())
+
+    def forget(self, name: str) -> None:
+        """Drop every series of an unloaded adapter (a later load starts them from zero)."""
+        self._live.discard(name)
+        series = [(self.requests, (name, reason)) for reason in self._reasons.pop(name, ())]
+        for metric, labels in series + [(m, (name,)) for m in self._per_adapter]:
+            try:
+                metric.remove(*labels)
+            except KeyError:  # no series yet (prometheus-client < 0.21 raises)
+                pass
+
+    def is_live(self, name: str) -> bool:
+        return name in self._live
+
+    def count_finished(self, adapter: str, reason: str) -> None:
+        self._reasons[adapter].add(reason)
+        self.requests.labels(adapter, reason).inc()
 
 
 class RequestTimer:
@@ -120,6 +147,8 @@ class RequestTimer:
         self.num_tokens = 0
 
     def observe(self, out: RequestOutput) -> None:
+        if not self.metrics.is_live(self.adapter):  # unloaded while this request ran
+            return
         now = time.monotonic()
         # tokens each sequence gained (the n choices of a request advance together)
         new = max((len(choice.token_ids_delta) for choice in out.outputs), default=0)
@@ -136,10 +165,11 @@ class RequestTimer:
     def _finish(self, out: RequestOutput, now: float) -> None:
         m, adapter = self.metrics, self.adapter
         reason = out.outputs[0].finish_reason if out.outputs else None
-        m.requests.labels(adapter, reason or "unknown").inc()
+        m.count_finished(adapter, reason or "unknown")
         m.prompt_tokens.labels(adapter).inc(len(out.prompt_token_ids))
         m.generation_tokens.labels(adapter).inc(sum(len(c.token_ids) for c in out.outputs))
         m.e2e.labels(adapter).observe(now - self.start)
 
     def aborted(self) -> None:
-        self.metrics.aborts.labels(self.adapter).inc()
+        if self.metrics.is_live(self.adapter):
+            self.metrics.aborts.labels(self.adapter).inc()

@@ -10,12 +10,53 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from engine.request import LoRARequest, SamplingParams
+from engine.request import SEED_MAX, SEED_MIN, LoRARequest, SamplingParams
+from server.settings import adapter_name_problem
+
+
+def _invalid_text_at(data: Any) -> str | None:
+    """The key path of the first string (or key) in a JSON value that is not valid Unicode:
+    JSON may spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer or UTF-8 encoder
+    takes. Walks iteratively, so any nesting depth is fine."""
+    stack: list[tuple[tuple[str, ...], Any]] = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                key_path = (*path, str(key).encode("utf-8", "backslashreplace").decode())
+                if isinstance(key, str) and not _is_unicode(key):
+                    return ".".join(key_path)
+                stack.append((key_path, item))
+        elif isinstance(value, list):
+            stack.extend(((*path, str(i)), item) for i, item in enumerate(value))
+        elif isinstance(value, str) and not _is_unicode(value):
+            return ".".join(path)
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and Infinity are not JSON, though Python's parser reads them: refuse them as values.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _invalid_text_at(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_unicode", "contains a lone UTF-16 surrogate, which is not valid "
+                "Unicode text", {"field": where})  # server.errors appends field to the loc
+        return data
 
 
 class StreamOptions(_Body):
@@ -48,7 +89,7 @@ class _GenerationRequest(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # int64, as vLLM
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
@@ -132,7 +173,8 @@ class ContentPart(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, name... pass to the chat template
+    # tool_calls, name... pass to the chat template
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     role: str
     content: str | list[ContentPart] | None = None
@@ -176,6 +218,13 @@ class LoadLoRAAdapterRequest(_Body):
     load_inplace: bool = False
     is_3d_lora_weight: bool | None = None
     base_model_name: str | None = None
+
+    @field_validator("lora_name")
+    @classmethod
+    def _usable_name(cls, name: str) -> str:
+        if problem := adapter_name_problem(name):
+            raise ValueError(problem)
+        return name
 
     def lora_request(self, resolved_path: str) -> LoRARequest:
         """The engine's request; lora_int_id 0 until the engine registers it."""

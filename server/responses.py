@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 
 def random_id(prefix: str) -> str:
@@ -17,6 +18,30 @@ def _now() -> int:
     return int(time.time())
 
 
+LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for -inf: JSON has no infinities
+
+
+def _json_logprob(value: float) -> float:
+    """A log-probability JSON can carry: -inf (and NaN, from non-finite logits) become the floor."""
+    return value if math.isfinite(value) and value >= LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+Logprob = Annotated[float, AfterValidator(_json_logprob)]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error envelope every failure answers with."""
+
+    error: ErrorInfo
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -25,8 +50,8 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[Logprob] = Field(default_factory=list)
+    top_logprobs: list[dict[str, Logprob]] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -49,7 +74,7 @@ class CompletionResponse(BaseModel):
 
 class TopLogprob(BaseModel):
     token: str
-    logprob: float
+    logprob: Logprob
     bytes: list[int]
 
 

@@ -28,6 +28,17 @@ class LoraModule:
     is_3d_lora_weight: bool | None = None
 
 
+def adapter_name_problem(name: str) -> str | None:
+    """Why `name` cannot name an adapter, or None. Routers read vllm:lora_requests_info's
+    comma-joined adapter lists, so a comma would read as two adapters; control characters would
+    forge log lines and label values."""
+    if "," in name:
+        return f"adapter name {name!r} contains ',', which separates adapters in metrics"
+    if any(not ch.isprintable() for ch in name):
+        return f"adapter name {name!r} contains control or non-printable characters"
+    return None
+
+
 def parse_lora_module(item: str) -> LoraModule:
     """`name=path` or a JSON object {"name", "path", "base_model_name", "is_3d_lora_weight"}."""
     if item.lstrip().startswith("{"):
@@ -81,6 +92,7 @@ class Settings:
     lora_modules: tuple[LoraModule, ...] = ()
     allow_runtime_lora_updating: bool = False
     allowed_lora_roots: tuple[Path, ...] = ()
+    redact_paths: bool | None = None  # None: on when allowed_lora_roots is set
 
     def __post_init__(self) -> None:
         if self.lora_modules and not self.enable_lora:
@@ -91,9 +103,16 @@ class Settings:
         clash = {n for n in names if names.count(n) > 1 or n in self.served_model_names}
         if clash:
             raise SettingsError(f"--lora-modules: name(s) {sorted(clash)} used twice")
+        for name in names:
+            if problem := adapter_name_problem(name):
+                raise SettingsError(f"--lora-modules: {problem}")
         for root in self.allowed_lora_roots:
             if not root.is_dir():
                 raise SettingsError(f"--allowed-lora-roots: {root} is not a directory")
+
+    @property
+    def hides_paths(self) -> bool:
+        return bool(self.allowed_lora_roots) if self.redact_paths is None else self.redact_paths
 
     @property
     def base_name(self) -> str:

@@ -1,4 +1,5 @@
-"""What every route reads: the engine, the settings, the model registry and the metrics."""
+"""What every route reads: the engine, the settings, the model registry, the metrics and the
+path redactor."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi import Depends, Request
 
 from server.errors import ApiError
 from server.metrics import ServerMetrics
+from server.redaction import PathRedactor
 from server.registry import ModelRegistry
 from server.settings import Settings
 
@@ -24,6 +26,7 @@ class ServerState:
     settings: Settings
     models: ModelRegistry
     metrics: ServerMetrics
+    redactor: PathRedactor
 
 
 def get_state(request: Request) -> ServerState:

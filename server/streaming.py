@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 
 from fastapi.responses import StreamingResponse
@@ -71,7 +71,9 @@ async def _merged(streams: list[Stream]) -> AsyncIterator[tuple[int, RequestOutp
             task.cancel()
 
 
-async def sse_frames(streams: list[Stream], n: int, include_usage: bool) -> AsyncIterator[str]:
+async def sse_frames(streams: list[Stream], n: int, include_usage: bool,
+                     public: Callable[[str], str]) -> AsyncIterator[str]:
+    """`public` rewrites an error message for the client (--redact-paths)."""
     for _, formatter in streams:
         for chunk in formatter.opening(n):
             yield sse(chunk)
@@ -82,7 +84,7 @@ async def sse_frames(streams: list[Stream], n: int, include_usage: bool) -> Asyn
                 yield sse(chunk)
             last[i] = out
     except EngineError as exc:
-        yield sse(error_body(engine_status(exc), str(exc)))
+        yield sse(error_body(engine_status(exc), public(str(exc))))
     except Exception as exc:  # a bug: report it in-band, keep serving
         logger.exception("stream %s failed", streams[0][0].request_id)
         yield sse(error_body(HTTPStatus.INTERNAL_SERVER_ERROR,
@@ -93,7 +95,16 @@ async def sse_frames(streams: list[Stream], n: int, include_usage: bool) -> Asyn
     yield DONE
 
 
-def sse_response(streams: list[Stream], n: int, include_usage: bool) -> StreamingResponse:
-    return StreamingResponse(sse_frames(streams, n, include_usage),
+def event_stream(response: type | None, chunk: type) -> dict:
+    """OpenAPI `responses=` for 200: the JSON answer, or (`stream`) server-sent events."""
+    events = {"schema": {"type": "string", "description": f"`data: <{chunk.__name__} JSON>` "
+                                                          "frames, then `data: [DONE]`"}}
+    return {200: {"content": {"text/event-stream": events},
+                  **({"model": response} if response else {})}}
+
+
+def sse_response(streams: list[Stream], n: int, include_usage: bool,
+                 public: Callable[[str], str]) -> StreamingResponse:
+    return StreamingResponse(sse_frames(streams, n, include_usage, public),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -33,6 +33,7 @@ Patterns = tuple[tuple[re.Pattern, float], ...]  # compiled rank_pattern / alpha
 # Fused expert parameters in registration order on every supported experts module (transformers
 # 5): PEFT wraps targeted parameters in this order, the first one innermost.
 FUSED_PARAMS = ("gate_up_proj", "down_proj")
+CONFIG_MAX_BYTES = 1 << 20  # adapter_config.json cap (PEFT writes a few KB)
 
 _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -195,10 +196,15 @@ def peft_version_at_least(version: str | None, minimum: tuple[int, ...]) -> bool
 
 def read_config(raw: bytes, root: str) -> dict:
     """adapter_config.json's bytes, refused when it asks for anything beyond plain LoRA deltas."""
+    if len(raw) > CONFIG_MAX_BYTES:  # unparsed: parsing holds the GIL, stalling the engine
+        raise AdapterLoadError(f"adapter_config.json in {root} is larger than "
+                               f"{CONFIG_MAX_BYTES} bytes; PEFT writes a few KB")
     try:
         config = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterLoadError(f"adapter_config.json in {root} is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise AdapterLoadError(f"adapter_config.json in {root} is nested too deeply") from err
     if not isinstance(config, dict):
         raise AdapterLoadError(f"adapter_config.json in {root} is not a JSON object")
     if str(config.get("peft_type", "LORA")).upper() != "LORA":

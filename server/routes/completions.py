@@ -7,20 +7,30 @@ usage summed.
 
 from __future__ import annotations
 
+from http import HTTPStatus as S
+
 from fastapi import APIRouter, Depends, Request
 
+from server.errors import documented
 from server.formats import ChatFormatter, CompletionFormatter, Formatter, usage_of
 from server.generation import Generation, final_all, start_all
 from server.prompt import chat_prompt_ids, completion_prompt_ids
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.responses import random_id
+from server.responses import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    random_id,
+)
 from server.state import ServerState, State, require_api_key
-from server.streaming import sse_response
+from server.streaming import event_stream, sse_response
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=documented(
+    S.BAD_REQUEST, S.UNAUTHORIZED, S.NOT_FOUND, S.CONFLICT, S.REQUEST_ENTITY_TOO_LARGE,
+    S.SERVICE_UNAVAILABLE))
 
 
-@router.post("/completions")
+@router.post("/completions", responses=event_stream(CompletionResponse, CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request, state: State):
     lora = state.models.resolve(body.model)
     tokenizer, response_id = state.engine.tokenizer, random_id("cmpl")
@@ -31,7 +41,8 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     return await _run(state, request, body, prompts, lora, formatters)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions",
+             responses=event_stream(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
     lora = state.models.resolve(body.model)
     prompt_ids = chat_prompt_ids(state.engine.tokenizer, body.messages, body.chat_template_kwargs)
@@ -49,7 +60,7 @@ async def _run(state: ServerState, request: Request,
     await start_all(request, list(zip(generations, prompts, strict=True)), params)
     if body.stream:
         return sse_response(list(zip(generations, formatters, strict=True)), body.n,
-                            body.include_usage)
+                            body.include_usage, state.redactor.text)
     outs = await final_all(request, generations)
     if len(outs) == 1:
         return formatters[0].response(outs[0])

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus as S
+
 from fastapi import APIRouter, Depends, Request
 
+from server.errors import documented
 from server.generation import Generation
 from server.prompt import chat_prompt_ids
-from server.responses_api import ResponsesFormatter, ResponsesRequest
+from server.responses_api import ResponseEvent, ResponsesFormatter, ResponsesRequest
 from server.state import State, require_api_key
-from server.streaming import sse_response
+from server.streaming import event_stream, sse_response
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=documented(
+    S.BAD_REQUEST, S.UNAUTHORIZED, S.NOT_FOUND, S.CONFLICT, S.REQUEST_ENTITY_TOO_LARGE,
+    S.SERVICE_UNAVAILABLE))
 
 
-@router.post("/responses")
+@router.post("/responses", responses=event_stream(None, ResponseEvent))
 async def create_response(body: ResponsesRequest, request: Request, state: State):
     lora = state.models.resolve(body.model)
     prompt_ids = chat_prompt_ids(state.engine.tokenizer, body.messages())
@@ -21,5 +26,5 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
     generation = Generation(state.engine, formatter.id, lora, state.metrics.timer(body.model))
     await generation.start(request, prompt_ids, body.sampling_params())
     if body.stream:
-        return sse_response([(generation, formatter)], 1, include_usage=True)
+        return sse_response([(generation, formatter)], 1, True, state.redactor.text)
     return formatter.response(await generation.final(request))

@@ -9,16 +9,21 @@ adapter (404 otherwise), as on the generation routes. Tokenizing runs off the ev
 
 from __future__ import annotations
 
+from http import HTTPStatus as S
+
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from server.errors import documented
 from server.prompt import chat_prompt_ids, check_token_ids
 from server.protocol import ChatMessage, _Body
 from server.routes.health import health
 from server.state import ServerState, State, require_api_key
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=documented(
+    S.BAD_REQUEST, S.UNAUTHORIZED, S.NOT_FOUND, S.REQUEST_ENTITY_TOO_LARGE,
+    S.SERVICE_UNAVAILABLE))
 ping_router = APIRouter()
 
 
@@ -86,6 +91,8 @@ async def detokenize(body: DetokenizeRequest, state: State) -> DetokenizeRespons
     return DetokenizeResponse(prompt=await run_in_threadpool(tokenizer.decode, body.tokens))
 
 
-@ping_router.api_route("/ping", methods=["GET", "POST"])
+@ping_router.api_route("/ping", methods=["GET", "POST"], response_class=Response,
+                       responses={200: {"description": "the engine loop runs (empty body)"},
+                                  **documented(S.SERVICE_UNAVAILABLE)})
 async def ping(state: State) -> Response:
     return await health(state)

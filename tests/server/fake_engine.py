@@ -4,7 +4,7 @@ refuse work (503), crash on a bug (500), or fail in the middle of a stream."""
 from __future__ import annotations
 
 from engine import EngineStats, RequestOutput
-from engine.request import CompletionOutput
+from engine.request import CompletionOutput, TokenLogprob
 
 
 class FakeEngine:
@@ -15,6 +15,7 @@ class FakeEngine:
         self.tokenizer = tokenizer
         self.fail_before: Exception | None = None  # raised before the first output
         self.fail_after: Exception | None = None  # raised after the first output
+        self.logprob: float | None = None  # every token's logprob (and its one alternative)
         self.aborted: list[str] = []
         self.started = False
 
@@ -22,10 +23,14 @@ class FakeEngine:
         if self.fail_before is not None:
             raise self.fail_before
         token = prompt_token_ids[-1]
+        entry = [] if self.logprob is None else [TokenLogprob(token, self.logprob,
+                                                              [(token, self.logprob)])]
         for step in range(1, params.max_tokens + 1):
             done = step == params.max_tokens
             choice = CompletionOutput(index=0, text=" x" * step, token_ids=[token] * step,
                                       text_delta=" x", token_ids_delta=[token],
+                                      logprobs=entry * step if entry else None,
+                                      logprobs_delta=entry,
                                       finish_reason="length" if done else None)
             yield RequestOutput(request_id, list(prompt_token_ids), [choice], finished=done)
             if self.fail_after is not None:

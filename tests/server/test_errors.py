@@ -94,3 +94,35 @@ def test_until_disconnect_cancels_the_work_when_the_client_leaves():
         return work.cancelled()
 
     assert asyncio.run(main())
+
+
+@pytest.mark.parametrize("logprob", [float("-inf"), float("nan"), -1e30])
+def test_non_finite_logprobs_are_floored_as_in_vllm(http, engine, logprob):
+    engine.logprob = logprob
+    chat = {**BODY, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+            "top_logprobs": 1}
+    answers = [http.post("/v1/completions", json={**BODY, "logprobs": 1}),
+               http.post("/v1/chat/completions", json=chat)]
+    streams = [http.post("/v1/completions", json={**BODY, "logprobs": 1, "stream": True}),
+               http.post("/v1/chat/completions", json={**chat, "stream": True})]
+    assert [r.status_code for r in answers + streams] == [200] * 4
+    text, chat_reply = (r.json()["choices"][0]["logprobs"] for r in answers)
+    assert text["token_logprobs"] == [-9999.0] * 3
+    assert list(text["top_logprobs"][0].values()) == [-9999.0]
+    assert [t["logprob"] for t in chat_reply["content"]] == [-9999.0] * 3
+    assert chat_reply["content"][0]["top_logprobs"][0]["logprob"] == -9999.0
+    text_frames, chat_frames = ([json.loads(line[6:]) for line in r.text.splitlines()
+                                 if line.startswith("data: {")] for r in streams)
+    text_lps = [f["choices"][0]["logprobs"]["token_logprobs"] for f in text_frames]
+    chat_lps = [t["logprob"] for f in chat_frames if f["choices"][0]["logprobs"]
+                for t in f["choices"][0]["logprobs"]["content"]]
+    assert text_lps == [[-9999.0]] * 3 and chat_lps == [-9999.0] * 3
+
+
+def test_a_503_logs_one_line_without_a_traceback(http, engine, caplog):
+    engine.fail_before = EngineOverloaded("queue full")
+    with caplog.at_level("WARNING", logger="server"):
+        assert http.post("/v1/completions", json=BODY).status_code == 503
+    records = [r for r in caplog.records if "queue full" in r.getMessage()]
+    assert len(records) == 1 and records[0].exc_info is None
+    assert "\n" not in records[0].getMessage()

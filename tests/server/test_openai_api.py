@@ -24,16 +24,19 @@ def completion_text(client, model: str, prompt=PROMPT, **kwargs) -> str:
     return reply.choices[0].text
 
 
-def test_models_lists_base_then_adapters(client, demo):
-    cards = client.models.list().data
+@pytest.mark.parametrize("srv", ["open_server", "server"])
+def test_models_lists_base_then_adapters(request, srv, demo):
+    """`root` is the path, or with --allowed-lora-roots (paths redacted) the name."""
+    cards = request.getfixturevalue(srv).client().models.list().data
+    redacted = srv == "server"
     assert [c.id for c in cards][:1] == ["demo"]
     by_id = {c.id: c for c in cards}
     assert by_id["demo"].parent is None
-    assert by_id["demo"].root == str(demo.model_dir)
+    assert by_id["demo"].root == "demo" if redacted else str(demo.model_dir)
     assert by_id["demo"].max_model_len == 2048
     for name in ("demo-2d", "demo-3d"):
         assert by_id[name].parent == "demo"
-        assert by_id[name].root == str(demo.adapters[name].resolve())
+        assert by_id[name].root == name if redacted else str(demo.adapters[name].resolve())
 
 
 @pytest.mark.parametrize("model", MODELS)
