@@ -1,5 +1,5 @@
-"""create_app(engine, settings) -> FastAPI: state, error handlers, routers, and a lifespan
-that runs the engine's step loop while the app serves."""
+"""create_app(engine, settings) -> FastAPI: state, admission (body limit, drain), error
+handlers, routers, and a lifespan that runs the engine's step loop while the app serves."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
+from server.admission import Admission, default_max_body_bytes
+from server.drain import Drain
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
+from server.prompt import Prompts
 from server.redaction import PathRedactor
 from server.registry import ModelRegistry
 from server.routes import adapters, completions, health, models, responses, tokens
@@ -20,12 +23,13 @@ from server.state import ServerState
 
 @asynccontextmanager
 async def _engine_loop(app: FastAPI) -> AsyncIterator[None]:
-    engine = app.state.server.engine
-    engine.start()
+    state = app.state.server
+    state.engine.start()
     try:
         yield
     finally:
-        engine.shutdown()
+        state.engine.shutdown()
+        state.prompts.shutdown()
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -50,9 +54,14 @@ def _openapi(app: FastAPI) -> dict:
 def create_app(engine, settings: Settings) -> FastAPI:
     app = FastAPI(title="loramux", version=__version__, lifespan=_engine_loop)
     metrics, redactor = ServerMetrics(engine), PathRedactor(settings, engine)
+    drain = Drain(settings.shutdown_timeout)
     app.state.server = ServerState(engine=engine, settings=settings,
                                    models=ModelRegistry(engine, settings, metrics, redactor),
-                                   metrics=metrics, redactor=redactor)
+                                   metrics=metrics, redactor=redactor,
+                                   prompts=Prompts(engine.tokenizer, engine.max_model_len),
+                                   drain=drain)
+    app.add_middleware(Admission, drain=drain, max_body_bytes=settings.max_request_body_bytes
+                       or default_max_body_bytes(engine.max_model_len))
     app.openapi = lambda: _openapi(app)
     install_error_handlers(app)
     for router in (health.router, tokens.ping_router, models.router, completions.router,

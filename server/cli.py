@@ -53,6 +53,12 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=None,
                    help=f"require `Authorization: Bearer KEY` on /v1/* (default: ${API_KEY_ENV}"
                         "; /health, /version and /metrics stay open)")
+    g.add_argument("--max-request-body-bytes", type=_positive_int, default=None, metavar="N",
+                   help="largest request body; a bigger one is a 413 before it is parsed "
+                        "(default: 4 MiB, or 64 bytes per token of --max-model-len if more)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long running requests may finish before they are "
+                        "ended with an error (new requests get 503 meanwhile; default 30)")
     g.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error", "critical"],
                    help="log level of loramux and uvicorn (default info)")
@@ -149,6 +155,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     fields = dict(
         model=args.model, served_model_names=tuple(args.served_model_name or [args.model]),
         host=args.host, port=args.port, log_level=args.log_level,
+        max_request_body_bytes=args.max_request_body_bytes,
+        shutdown_timeout=args.shutdown_timeout,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         dtype=args.dtype, device=args.device, load_format=args.load_format,
         kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,

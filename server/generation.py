@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
-from engine.errors import EngineError
+from engine.errors import EngineError, EngineStopped
 from engine.request import RequestOutput, SamplingParams
+from server.drain import Drain
 from server.errors import ClientDisconnected
 from server.metrics import RequestTimer
 
@@ -48,14 +49,17 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 class Generation:
-    """The server's handle on one engine request (all n choices of it)."""
+    """The server's handle on one engine request (all n choices of it). While it runs, the
+    server's Drain knows it and may end it at shutdown (cut)."""
 
-    def __init__(self, engine: Engine, request_id: str, lora: str | None,
-                 timer: RequestTimer) -> None:
+    def __init__(self, engine: Engine, request_id: str, lora: str | None, timer: RequestTimer,
+                 drain: Drain) -> None:
         self.engine, self.request_id, self.lora, self.timer = engine, request_id, lora, timer
+        self.drain = drain
         self._outputs: AsyncIterator[RequestOutput] | None = None
         self._first: RequestOutput | None = None
         self._finished = False
+        self._cut: str | None = None  # why the server ended the request
 
     async def start(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> None:
         await start_all(request, [(self, prompt_ids)], params)
@@ -63,12 +67,16 @@ class Generation:
     async def _begin(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self._outputs = self.engine.generate(prompt_ids, params, lora=self.lora,
                                              request_id=self.request_id)
+        self.drain.enter(self)
         self._first = await anext(self._outputs)
         self._observe(self._first)
 
     def _observe(self, out: RequestOutput) -> None:
         self.timer.observe(out)
         self._finished = out.finished
+        if self._cut is not None:  # this is the output of the server's abort
+            self._finished = True
+            raise EngineStopped(self._cut)
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """Every output from the first on; aborts the engine request if iteration stops early."""
@@ -86,6 +94,7 @@ class Generation:
         finally:
             if not self._finished:
                 self.abort()
+            self.drain.leave(self)
 
     async def final(self, request: Request) -> RequestOutput:
         """The last output (all text and tokens are cumulative), or ClientDisconnected."""
@@ -97,7 +106,14 @@ class Generation:
             last = out
         return last
 
+    def cut(self, reason: str) -> None:
+        """End the request from the server's side: its next output raises EngineStopped."""
+        if not self._finished and self._outputs is not None:
+            self._cut = reason
+            self.engine.abort(self.request_id)
+
     def abort(self) -> None:
+        self.drain.leave(self)
         if self._finished or self._outputs is None:
             return
         self._finished = True

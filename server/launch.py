@@ -2,7 +2,8 @@
 
 Static adapters load on the serving event loop before uvicorn binds the port, so a bad one
 stops start-up with one line and a non-zero exit instead of a half-working server. The app's
-lifespan starts the engine loop and stops it once uvicorn has drained its connections.
+lifespan starts the engine loop and stops it once uvicorn has drained its connections. SIGTERM
+and SIGINT start server.drain's graceful shutdown; the process then exits with status 0.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fastapi import FastAPI
 from engine import Engine
 from engine.errors import EngineError
 from server.app import create_app
+from server.drain import CUT_GRACE_S, DrainingServer
 from server.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -47,10 +49,11 @@ async def _load_static_adapters(settings: Settings, app: FastAPI) -> None:
 async def _serve(settings: Settings, engine: Engine) -> None:
     app = create_app(engine, settings)  # its lifespan starts and stops the engine loop
     await _load_static_adapters(settings, app)
+    # after the drain, connections get CUT_GRACE_S to send their last bytes
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, timeout_graceful_shutdown=5)
+                            log_level=settings.log_level, timeout_graceful_shutdown=CUT_GRACE_S)
     logger.info("serving %s on http://%s:%d", settings.base_name, settings.host, settings.port)
-    await uvicorn.Server(config).serve()
+    await DrainingServer(config, app.state.server.drain).serve()
 
 
 def run(settings: Settings) -> int:

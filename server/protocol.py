@@ -16,6 +16,9 @@ from engine.request import SEED_MAX, SEED_MIN, LoRARequest, SamplingParams
 from server.settings import adapter_name_problem
 
 
+_NUMBERS = {int, float, bool, type(None)}
+
+
 def _invalid_text_at(data: Any) -> str | None:
     """The key path of the first string (or key) in a JSON value that is not valid Unicode:
     JSON may spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer or UTF-8 encoder
@@ -29,7 +32,7 @@ def _invalid_text_at(data: Any) -> str | None:
                 if isinstance(key, str) and not _is_unicode(key):
                     return ".".join(key_path)
                 stack.append((key_path, item))
-        elif isinstance(value, list):
+        elif isinstance(value, list) and not set(map(type, value)) <= _NUMBERS:  # token ids
             stack.extend(((*path, str(i)), item) for i, item in enumerate(value))
         elif isinstance(value, str) and not _is_unicode(value):
             return ".".join(path)

@@ -93,6 +93,8 @@ class Settings:
     allow_runtime_lora_updating: bool = False
     allowed_lora_roots: tuple[Path, ...] = ()
     redact_paths: bool | None = None  # None: on when allowed_lora_roots is set
+    max_request_body_bytes: int | None = None  # None: admission.default_max_body_bytes
+    shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.lora_modules and not self.enable_lora:
@@ -106,6 +108,8 @@ class Settings:
         for name in names:
             if problem := adapter_name_problem(name):
                 raise SettingsError(f"--lora-modules: {problem}")
+        if self.shutdown_timeout < 0:
+            raise SettingsError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
         for root in self.allowed_lora_roots:
             if not root.is_dir():
                 raise SettingsError(f"--allowed-lora-roots: {root} is not a directory")

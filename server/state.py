@@ -1,5 +1,5 @@
-"""What every route reads: the engine, the settings, the model registry, the metrics and the
-path redactor."""
+"""What every route reads: the engine, the settings, the model registry, the metrics, the path
+redactor, the prompt tokenizer pool and the shutdown drain."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 
 from server.errors import ApiError
+from server.drain import Drain
 from server.metrics import ServerMetrics
+from server.prompt import Prompts
 from server.redaction import PathRedactor
 from server.registry import ModelRegistry
 from server.settings import Settings
@@ -27,6 +29,8 @@ class ServerState:
     models: ModelRegistry
     metrics: ServerMetrics
     redactor: PathRedactor
+    prompts: Prompts
+    drain: Drain
 
 
 def get_state(request: Request) -> ServerState:

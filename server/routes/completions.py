@@ -14,7 +14,6 @@ from fastapi import APIRouter, Depends, Request
 from server.errors import documented
 from server.formats import ChatFormatter, CompletionFormatter, Formatter, usage_of
 from server.generation import Generation, final_all, start_all
-from server.prompt import chat_prompt_ids, completion_prompt_ids
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.responses import (
     ChatCompletionChunk,
@@ -34,7 +33,8 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], respon
 async def create_completion(body: CompletionRequest, request: Request, state: State):
     lora = state.models.resolve(body.model)
     tokenizer, response_id = state.engine.tokenizer, random_id("cmpl")
-    prompts = [completion_prompt_ids(tokenizer, p) for p in body.prompts()]
+    max_tokens = body.sampling_params().max_tokens
+    prompts = [await state.prompts.completion(p, max_tokens) for p in body.prompts()]
     formatters = [CompletionFormatter(tokenizer, response_id, body.model,
                                       want_logprobs=body.logprobs is not None,
                                       first_index=i * body.n) for i in range(len(prompts))]
@@ -45,7 +45,8 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
              responses=event_stream(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
     lora = state.models.resolve(body.model)
-    prompt_ids = chat_prompt_ids(state.engine.tokenizer, body.messages, body.chat_template_kwargs)
+    prompt_ids = await state.prompts.chat(body.messages, body.chat_template_kwargs,
+                                          body.sampling_params().max_tokens)
     formatter = ChatFormatter(state.engine.tokenizer, random_id("chatcmpl"), body.model,
                               want_logprobs=body.logprobs)
     return await _run(state, request, body, [prompt_ids], lora, [formatter])
@@ -56,7 +57,8 @@ async def _run(state: ServerState, request: Request,
                lora: str | None, formatters: list[Formatter]):
     params, rid = body.sampling_params(), formatters[0].id
     generations = [Generation(state.engine, rid if len(prompts) == 1 else f"{rid}-{i}", lora,
-                              state.metrics.timer(body.model)) for i in range(len(prompts))]
+                              state.metrics.timer(body.model), state.drain)
+                   for i in range(len(prompts))]
     await start_all(request, list(zip(generations, prompts, strict=True)), params)
     if body.stream:
         return sse_response(list(zip(generations, formatters, strict=True)), body.n,

@@ -8,7 +8,6 @@ from fastapi import APIRouter, Depends, Request
 
 from server.errors import documented
 from server.generation import Generation
-from server.prompt import chat_prompt_ids
 from server.responses_api import ResponseEvent, ResponsesFormatter, ResponsesRequest
 from server.state import State, require_api_key
 from server.streaming import event_stream, sse_response
@@ -21,10 +20,12 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], respon
 @router.post("/responses", responses=event_stream(None, ResponseEvent))
 async def create_response(body: ResponsesRequest, request: Request, state: State):
     lora = state.models.resolve(body.model)
-    prompt_ids = chat_prompt_ids(state.engine.tokenizer, body.messages())
+    params = body.sampling_params()
+    prompt_ids = await state.prompts.chat(body.messages(), None, params.max_tokens)
     formatter = ResponsesFormatter(state.engine.tokenizer, body.model, body)
-    generation = Generation(state.engine, formatter.id, lora, state.metrics.timer(body.model))
-    await generation.start(request, prompt_ids, body.sampling_params())
+    generation = Generation(state.engine, formatter.id, lora, state.metrics.timer(body.model),
+                            state.drain)
+    await generation.start(request, prompt_ids, params)
     if body.stream:
         return sse_response([(generation, formatter)], 1, True, state.redactor.text)
     return formatter.response(await generation.final(request))
