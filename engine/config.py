@@ -8,15 +8,11 @@ from pathlib import Path
 
 import torch
 
+from engine.architectures import (ARCHITECTURES, LINEAR_ATTENTION, LinearAttention, layer_types,
+                                  linear_attention, rotary_dim, text_fields)
 from engine.errors import ModelLoadError
 
-# Architecture name in config.json -> the spelling of its MoE block on disk.
-SUPPORTED_ARCHITECTURES = (
-    "Qwen3MoeForCausalLM",
-    "Qwen2MoeForCausalLM",
-    "MixtralForCausalLM",
-    "OlmoeForCausalLM",
-)
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,13 +26,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if key not in _DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; choose float32, bfloat16 or float16")
     return _DTYPES[key]
-
-
-def _first(raw: dict, *names: str, default=None):
-    for name in names:
-        if raw.get(name) is not None:
-            return raw[name]
-    return default
 
 
 def _refuse_unsupported(raw: dict, rope: dict) -> None:
@@ -53,7 +42,8 @@ def _refuse_unsupported(raw: dict, rope: dict) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything the engine needs from a Hugging Face config.json, both spellings accepted."""
+    """Everything the engine needs from a Hugging Face config.json, both spellings accepted
+    (engine.architectures says how each architecture's file is read)."""
 
     architecture: str
     vocab_size: int
@@ -79,6 +69,11 @@ class ModelConfig:
     clip_qkv: float | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None
+    layer_types: tuple[str, ...]  # "full_attention" or "linear_attention" (Gated DeltaNet)
+    rotary_dim: int  # the first rotary_dim dims of each head turn (head_dim unless partial)
+    hybrid: bool  # Qwen3.5 / Qwen3-Next: zero-centred norms, gated q_proj, GDN layers
+    linear_attention: LinearAttention | None
+    transformers_version: str | None  # which writer made the file (fused expert orientation)
 
     @classmethod
     def from_dict(cls, raw: dict) -> ModelConfig:
@@ -89,40 +84,48 @@ class ModelConfig:
                 f"unsupported architecture {archs or raw.get('model_type')!r}; "
                 f"loramux supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        _refuse_unsupported(raw, rope)
-        heads = raw["num_attention_heads"]
-        eos = raw.get("eos_token_id")
+        rules, f = ARCHITECTURES[arch], text_fields(raw, arch)
+        rope = f.get("rope_parameters", "rope_scaling", default={})
+        _refuse_unsupported(f.values, rope)
+        heads, hidden = f.positive_int("num_attention_heads"), f.positive_int("hidden_size")
+        num_layers = f.positive_int("num_hidden_layers")
+        head_dim = f.need("head_dim") if rules.hybrid else f.get("head_dim",
+                                                                    default=hidden // heads)
+        eos = f.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        qk_norm = {"Qwen3MoeForCausalLM": "per_head", "OlmoeForCausalLM": "full"}.get(arch, "none")
-        bias = arch == "Qwen2MoeForCausalLM" and raw.get("qkv_bias", True)
+        bias = arch == "Qwen2MoeForCausalLM" and f.get("qkv_bias", default=True)
+        norm_topk = rules.norm_topk_always or bool(f.get("norm_topk_prob",
+                                                           default=rules.norm_topk_default))
         return cls(
             architecture=arch,
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            num_layers=raw["num_hidden_layers"],
+            vocab_size=f.positive_int("vocab_size"),
+            hidden_size=hidden,
+            num_layers=num_layers,
             num_heads=heads,
-            num_kv_heads=_first(raw, "num_key_value_heads", default=heads),
-            head_dim=_first(raw, "head_dim", default=raw["hidden_size"] // heads),
-            rms_norm_eps=_first(raw, "rms_norm_eps", default=1e-6),
-            rope_theta=float(_first(rope, "rope_theta", default=_first(raw, "rope_theta",
-                                                                        default=10000.0))),
-            max_position_embeddings=_first(raw, "max_position_embeddings", default=4096),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            num_experts=_first(raw, "num_experts", "num_local_experts"),
-            top_k=raw["num_experts_per_tok"],
-            moe_intermediate_size=_first(raw, "moe_intermediate_size", "intermediate_size"),
-            norm_topk_prob=bool(raw.get("norm_topk_prob", arch == "MixtralForCausalLM")),
-            intermediate_size=_first(raw, "intermediate_size", default=0),
-            shared_expert_intermediate_size=_first(raw, "shared_expert_intermediate_size",
-                                                   default=0),
-            decoder_sparse_step=_first(raw, "decoder_sparse_step", default=1),
-            mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
-            attention_bias=bool(bias or raw.get("attention_bias", False)),
-            qk_norm=qk_norm,
-            clip_qkv=raw.get("clip_qkv"),
+            num_kv_heads=f.get("num_key_value_heads", default=heads),
+            head_dim=head_dim,
+            rms_norm_eps=f.get("rms_norm_eps", default=1e-6),
+            rope_theta=float(rope.get("rope_theta") or f.get("rope_theta", default=10000.0)),
+            max_position_embeddings=f.get("max_position_embeddings", default=4096),
+            tie_word_embeddings=bool(f.get("tie_word_embeddings", default=False)),
+            num_experts=f.need("num_experts", "num_local_experts"),
+            top_k=f.need("num_experts_per_tok"),
+            moe_intermediate_size=f.need("moe_intermediate_size", "intermediate_size"),
+            norm_topk_prob=norm_topk,
+            intermediate_size=f.get("intermediate_size", default=0),
+            shared_expert_intermediate_size=f.get("shared_expert_intermediate_size", default=0),
+            decoder_sparse_step=1 if rules.all_moe else f.get("decoder_sparse_step", default=1),
+            mlp_only_layers=() if rules.all_moe else tuple(f.get("mlp_only_layers", default=())),
+            attention_bias=bool(bias or f.get("attention_bias", default=False)),
+            qk_norm=rules.qk_norm,
+            clip_qkv=f.get("clip_qkv"),
             eos_token_ids=eos_ids,
-            torch_dtype=_first(raw, "dtype", "torch_dtype"),
+            torch_dtype=f.get("dtype", "torch_dtype"),
+            layer_types=layer_types(f, arch, num_layers),
+            rotary_dim=rotary_dim(f, rope, arch, head_dim),
+            hybrid=rules.hybrid,
+            linear_attention=linear_attention(f, arch),
+            transformers_version=raw.get("transformers_version"),
         )
 
     @classmethod
@@ -138,20 +141,22 @@ class ModelConfig:
             return False
         return (layer + 1) % self.decoder_sparse_step == 0
 
+    def is_linear_attention(self, layer: int) -> bool:
+        return self.layer_types[layer] == LINEAR_ATTENTION
+
     def lora_module_shapes(self) -> dict[str, tuple[int, int, int]]:
         """Canonical LoRA target name -> (D_in, D_out, num_experts; 0 for a dense module).
 
         Names are those of engine.lora.weights (layer-prefixed, Mixtral spellings normalized).
         """
-        H, q_out = self.hidden_size, self.num_heads * self.head_dim
-        kv_out, E, I = self.num_kv_heads * self.head_dim, self.num_experts, self.moe_intermediate_size
+        H, E, I = self.hidden_size, self.num_experts, self.moe_intermediate_size
         shapes: dict[str, tuple[int, int, int]] = {}
         for layer in range(self.num_layers):
             p = f"layers.{layer}."
-            shapes[p + "self_attn.q_proj"] = (H, q_out, 0)
-            shapes[p + "self_attn.k_proj"] = (H, kv_out, 0)
-            shapes[p + "self_attn.v_proj"] = (H, kv_out, 0)
-            shapes[p + "self_attn.o_proj"] = (q_out, H, 0)
+            if self.is_linear_attention(layer):
+                shapes.update(self._linear_attention_shapes(p + "linear_attn."))
+            else:
+                shapes.update(self._attention_shapes(p + "self_attn."))
             if not self.is_moe_layer(layer):
                 Id = self.intermediate_size
                 shapes.update({p + "mlp.gate_proj": (H, Id, 0), p + "mlp.up_proj": (H, Id, 0),
@@ -166,6 +171,26 @@ class ModelConfig:
                 shapes.update({p + "mlp.shared_expert.gate_proj": (H, S, 0),
                                p + "mlp.shared_expert.up_proj": (H, S, 0),
                                p + "mlp.shared_expert.down_proj": (S, H, 0)})
+        return shapes
+
+    def _attention_shapes(self, p: str) -> dict[str, tuple[int, int, int]]:
+        """q_proj is twice as wide on hybrids: per head, the query then its output gate."""
+        H, q_out = self.hidden_size, self.num_heads * self.head_dim
+        kv_out = self.num_kv_heads * self.head_dim
+        return {p + "q_proj": (H, q_out * (2 if self.hybrid else 1), 0),
+                p + "k_proj": (H, kv_out, 0), p + "v_proj": (H, kv_out, 0),
+                p + "o_proj": (q_out, H, 0)}
+
+    def _linear_attention_shapes(self, p: str) -> dict[str, tuple[int, int, int]]:
+        la, H = self.linear_attention, self.hidden_size
+        HV, Vd = la.num_value_heads, la.value_dim
+        if la.projection == "grouped":
+            inputs = {"in_proj_qkvz": la.conv_dim + Vd, "in_proj_ba": 2 * HV}
+        else:
+            inputs = {"in_proj_qkv": la.conv_dim, "in_proj_z": Vd, "in_proj_b": HV,
+                      "in_proj_a": HV}
+        shapes = {p + name: (H, width, 0) for name, width in inputs.items()}
+        shapes[p + "out_proj"] = (Vd, H, 0)
         return shapes
 
 

@@ -14,7 +14,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kernels.gated_delta import causal_conv1d, gated_delta_rule
 from kernels.meta import LoraMeta
+
+__all__ = ["MoeLora", "causal_conv1d", "fused_experts", "gated_delta_rule", "lora_delta",
+           "paged_decode_attention"]
 
 # The twins read device values on the host (unique, nonzero), so a CUDA graph cannot hold them.
 CUDA_GRAPH_SAFE = False

@@ -77,6 +77,8 @@ class Attention(nn.Module):
     attention, o projection.
 
     q/k norm: "per_head" (Qwen3-MoE, over D) or "full" (OLMoE, over all heads before reshape).
+    Gated (hybrids: Qwen3.5, Qwen3-Next): q_proj gives per head [query (D); gate (D)], the
+    q/k norms are zero-centred, and the attention output is multiplied by sigmoid(gate).
     """
 
     def __init__(self, config: ModelConfig, layer: int, *, ops: ModuleType, max_loras: int,
@@ -87,13 +89,15 @@ class Attention(nn.Module):
         self.scale = config.head_dim ** -0.5
         self.clip = config.clip_qkv
         self.ops = ops
+        self.gated = config.hybrid
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q_width = 2 * q_out if self.gated else q_out
         p = f"layers.{layer}.self_attn."
         kw = {"ops": ops, "max_loras": max_loras, "max_rank": max_rank, "dtype": dtype,
               "device": device}
         self.qkv_proj = LoraLinear(
             config.hidden_size,
-            ((p + "q_proj", q_out), (p + "k_proj", kv_out), (p + "v_proj", kv_out)),
+            ((p + "q_proj", q_width), (p + "k_proj", kv_out), (p + "v_proj", kv_out)),
             bias=config.attention_bias, **kw)
         o_bias = config.attention_bias and config.architecture != "Qwen2MoeForCausalLM"
         self.o_proj = LoraLinear(q_out, ((p + "o_proj", config.hidden_size),), bias=o_bias, **kw)
@@ -101,8 +105,9 @@ class Attention(nn.Module):
         if config.qk_norm != "none":
             per_head = config.qk_norm == "per_head"
             q_dim, k_dim = (self.head_dim, self.head_dim) if per_head else (q_out, kv_out)
-            self.q_norm = RMSNorm(q_dim, config.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(k_dim, config.rms_norm_eps, dtype, device)
+            norm = {"eps": config.rms_norm_eps, "dtype": dtype, "device": device,
+                    "zero_centred": config.hybrid}
+            self.q_norm, self.k_norm = RMSNorm(q_dim, **norm), RMSNorm(k_dim, **norm)
         self.dtype = dtype
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -115,9 +120,14 @@ class Attention(nn.Module):
         self.k_cache, self.v_cache = tensors["k"], tensors["v"]
 
     def _project(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, ...]:
-        """x [T, H] -> q [T, N, D], k [T, G, D], v [T, G, D] before RoPE."""
+        """x [T, H] -> q [T, N, D], k [T, G, D], v [T, G, D] before RoPE, and the output
+        gate [T, N*D] (None unless gated)."""
         qkv = self.qkv_proj(x, ctx.lora)
         q, k, v = qkv.split(self.qkv_proj.out_splits, dim=-1)
+        gate = None
+        if self.gated:
+            q, gate = q.view(-1, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(-1, self.num_heads * self.head_dim)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
@@ -126,12 +136,12 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v.view(-1, self.num_kv_heads, self.head_dim)
+        return q, k, v.view(-1, self.num_kv_heads, self.head_dim), gate
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         """x [T, H] -> [T, H]; writes this step's K/V into the bound cache."""
-        q, k, v = self._project(x, ctx)
+        q, k, v, gate = self._project(x, ctx)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = ctx.attn
         write_kv(self.k_cache, self.v_cache, k, v, attn.slot_mapping)
@@ -141,4 +151,7 @@ class Attention(nn.Module):
                                                       attn.block_tables, attn.seq_lens, self.scale)
             else:
                 out = paged_attention(q, self.k_cache, self.v_cache, attn, self.scale)
-        return self.o_proj(out.flatten(1), ctx.lora)
+        out = out.flatten(1)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out, ctx.lora)

@@ -1,10 +1,12 @@
-"""One generic MoE decoder for Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE.
+"""One generic MoE decoder for every supported architecture (engine/architectures.py).
 
-The four differ only in flags of ModelConfig: q/k norm ("per_head" / "full"), clip_qkv, qkv
+They differ only in flags of ModelConfig: q/k norm ("per_head" / "full"), clip_qkv, qkv
 bias, a shared expert, dense MLP layers (mlp_only_layers / decoder_sparse_step), top-k
-renormalization, tied embeddings and the RoPE theta. Parameter names follow the Hugging Face
-checkpoints (`model.layers.L.self_attn...`), with q/k/v fused into `qkv_proj`, gate/up into
-`gate_up_proj` and the experts into `mlp.experts.w_gate_up` / `w_down` (see loader.py).
+renormalization, tied embeddings and the RoPE theta; hybrids (Qwen3.5, Qwen3-Next) add Gated
+DeltaNet layers (layer_types), a gated q_proj, partial RoPE and zero-centred norms. Parameter
+names follow the Hugging Face checkpoints (`model.layers.L.self_attn...`), with q/k/v fused into
+`qkv_proj`, gate/up into `gate_up_proj`, the GDN input projections into `linear_attn.in_proj`
+and the experts into `mlp.experts.w_gate_up` / `w_down` (see loader.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from engine.config import ModelConfig
 from engine.lora.weights import LoraWeights
 from engine.memory.specs import MemoryModule
 from engine.model.attention import Attention
+from engine.model.gdn import GatedDeltaNet
 from engine.model.layers import GatedMlp, RMSNorm, RotaryEmbedding
 from engine.model.lora_linear import LoraLinear
 from engine.model.moe import MoeExperts, SparseMoe
@@ -29,15 +32,20 @@ logger = logging.getLogger(__name__)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention then pre-norm MLP (sparse MoE or dense), each with a residual."""
+    """Pre-norm token mixer (attention or Gated DeltaNet) then pre-norm MLP (sparse MoE or
+    dense), each with a residual."""
 
     def __init__(self, config: ModelConfig, layer: int, **kw) -> None:
         super().__init__()
         dtype, device = kw["dtype"], kw["device"]
-        eps, H = config.rms_norm_eps, config.hidden_size
-        self.input_layernorm = RMSNorm(H, eps, dtype, device)
-        self.self_attn = Attention(config, layer, **kw)
-        self.post_attention_layernorm = RMSNorm(H, eps, dtype, device)
+        eps, H, zero = config.rms_norm_eps, config.hidden_size, config.hybrid
+        self.input_layernorm = RMSNorm(H, eps, dtype, device, zero_centred=zero)
+        self.is_linear = config.is_linear_attention(layer)
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(config, layer, **kw)
+        else:
+            self.self_attn = Attention(config, layer, **kw)
+        self.post_attention_layernorm = RMSNorm(H, eps, dtype, device, zero_centred=zero)
         if config.is_moe_layer(layer):
             self.mlp = SparseMoe(config, layer, **kw)
         else:
@@ -46,7 +54,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        h = self.input_layernorm(x)
+        x = x + (self.linear_attn(h, ctx) if self.is_linear else self.self_attn(h, cos, sin, ctx))
         return x + self.mlp(self.post_attention_layernorm(x), ctx.lora)
 
 
@@ -59,7 +68,8 @@ class DecoderModel(nn.Module):
                                          dtype=kw["dtype"], device=kw["device"])
         self.layers = nn.ModuleList(DecoderLayer(config, i, **kw)
                                     for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kw["dtype"], kw["device"])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kw["dtype"], kw["device"],
+                            zero_centred=config.hybrid)
 
 
 class MoeForCausalLM(nn.Module):
@@ -78,7 +88,7 @@ class MoeForCausalLM(nn.Module):
         kw = {"ops": ops, "max_loras": max_loras, "max_rank": max_rank, "dtype": dtype,
               "device": device}
         self.model = DecoderModel(config, **kw)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, device)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta, device)
         if config.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:

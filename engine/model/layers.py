@@ -1,4 +1,4 @@
-"""Small building blocks shared by the decoder: RMSNorm, rotary embedding, gated MLP.
+"""Small building blocks shared by the decoder: RMSNorms, rotary embedding, gated MLP.
 
 Shape letters: T tokens, H hidden, D head dim, I intermediate size.
 """
@@ -19,37 +19,57 @@ logger = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dim, computed in float32 (transformers' order)."""
+    """x / rms(x) * weight over the last dim, computed in float32 (transformers' order).
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+    zero_centred (Qwen3.5, Qwen3-Next): x / rms(x) * (1 + weight), the product in float32; the
+    checkpoints store weights around 0, so loading them into the plain form would be wrong.
+    """
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device,
+                 zero_centred: bool = False) -> None:
         super().__init__()
         self.weight = empty_param(dim, dtype=dtype, device=device)
-        self.eps = eps
+        self.eps, self.zero_centred = eps, zero_centred
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim] in x's dtype."""
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centred:
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    """Default RoPE (no scaling): inv_freq[i] = theta ** (-2i / D)."""
+class GatedRMSNorm(RMSNorm):
+    """weight * rmsnorm(x) * silu(z) (Gated DeltaNet's output norm, weights around 1)."""
 
-    def __init__(self, head_dim: int, theta: float, device: torch.device) -> None:
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x, z [..., dim] -> [..., dim] in x's dtype."""
+        return (super().forward(x) * F.silu(z.float())).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Default RoPE (no scaling) over the first `dim` dims of a head (all of them, or a
+    partial_rotary_factor of them): inv_freq[i] = theta ** (-2i / dim)."""
+
+    def __init__(self, dim: int, theta: float, device: torch.device) -> None:
         super().__init__()
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+        exponent = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
         self.register_buffer("inv_freq", 1.0 / (theta ** exponent), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """positions [T] -> (cos, sin), each [T, D] in `dtype`."""
+        """positions [T] -> (cos, sin), each [T, dim] in `dtype`."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x [T, heads, D]; cos, sin [T, D]."""
+    """Rotate-half RoPE on the first R dims of each head; the rest pass through.
+    x [T, heads, D]; cos, sin [T, R], R <= D."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -5,12 +5,20 @@ does not depend on LoRA buffers (vLLM shipped loaders that broke when LoRA renam
 parameters). Each parameter maps to the disk keys that compose it:
     self_attn.qkv_proj.{weight,bias}  <- self_attn.{q,k,v}_proj.*            (rows concatenated)
     *.gate_up_proj.weight             <- *.{gate,up}_proj.weight             (rows concatenated)
+    linear_attn.in_proj.weight        <- linear_attn.in_proj_{qkv,z,b,a}.weight (Qwen3.5), or
+                                         in_proj_{qkvz,ba}.weight un-grouped (Qwen3-Next)
     mlp.experts.w_gate_up [E, 2I, H]  <- 2d: mlp.experts.e.{gate,up}_proj.weight [I, H] each
                                          3d: mlp.experts.gate_up_proj [E, 2I, H]
     mlp.experts.w_down [E, H, I]      <- 2d: mlp.experts.e.down_proj.weight
                                          3d: mlp.experts.down_proj
     anything else                     <- the same name
-Mixtral's `block_sparse_moe.` and `experts.e.w1/w3/w2` are read as `mlp.` and gate/up/down.
+Disk names are normalized first: `.base_layer` segments dropped (a PEFT-wrapped model's names),
+`model.language_model.` / `language_model.model.` read as `model.` (ConditionalGeneration),
+Mixtral's `block_sparse_moe.` and `experts.e.w1/w3/w2` as `mlp.` and gate/up/down. Qwen3-VL-MoE's
+hub files store fused experts transposed ([E, H, 2I], [E, I, H]); they are told apart by shape,
+and a square tensor (H == 2I or H == I) by the writer: transformers >= 5 saves [E, 2I, H].
+Skipped with one log line per kind: MTP heads (`mtp.*`), RoPE tables and, for
+ConditionalGeneration checkpoints, the vision tower (`model.visual.*`).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from engine.architectures import ARCHITECTURES
+from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.model.decoder import MoeForCausalLM
 from engine.model.layers import RMSNorm
@@ -37,74 +47,79 @@ logger = logging.getLogger(__name__)
 _MIXTRAL_EXPERT = re.compile(r"(\.experts\.\d+\.)w([123])\.")
 _MIXTRAL_NAMES = {"1": "gate_proj", "2": "down_proj", "3": "up_proj"}
 _FUSED_EXPERT_KEY = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
+_LANGUAGE_MODEL = re.compile(r"^(model\.language_model\.|language_model\.model\.)")
+_PEFT_TENSOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\b")
 # Tensors some checkpoints carry that the served model does not use (multi-token-prediction
 # heads, precomputed RoPE tables): skipped by name, with a log line, never loaded elsewhere.
 _IGNORED_EXTRA = re.compile(r"^(model\.)?mtp\.|\.rotary_emb\.inv_freq$")
+_VISION = re.compile(r"^(model\.)?visual\.")
 
 
 class Target(NamedTuple):
-    """Where one disk tensor goes: model parameter name and the index of its region."""
+    """Where one disk tensor goes: model parameter name and the index of its region.
+    rows: gather applied to the disk tensor's rows first (ours[j] = disk[rows[j]]);
+    transposable: a fused expert tensor that may be stored [E, in, out]."""
 
     param: str
     index: tuple
+    rows: torch.Tensor | None = None
+    transposable: bool = False
 
 
 def normalize_key(key: str) -> str:
-    """A disk key in the Qwen/OLMoE spelling (Mixtral `block_sparse_moe` and w1/w2/w3 mapped)."""
+    """A disk key in the Qwen/OLMoE spelling of a CausalLM (see the module docstring)."""
+    key = _LANGUAGE_MODEL.sub("model.", _BASE_LAYER.sub("", key))
     key = key.replace(".block_sparse_moe.", ".mlp.")
     return _MIXTRAL_EXPERT.sub(lambda m: m.group(1) + _MIXTRAL_NAMES[m.group(2)] + ".", key)
 
 
-def _slices(prefix: str, suffix: str, names: tuple[str, ...],
-            widths: tuple[int, ...]) -> dict[str, tuple]:
-    """Disk keys of fused output slices -> row slice of each in the fused parameter."""
-    out, start = {}, 0
-    for name, width in zip(names, widths):
-        out[f"{prefix}{name}.{suffix}"] = (slice(start, start + width),)
-        start += width
-    return out
-
-
-def _linear_keys(name: str, module: LoraLinear) -> dict[str, tuple]:
-    """Disk keys of a (possibly fused) linear's weight or bias."""
+def _linear_keys(name: str, module: LoraLinear) -> dict[str, Target]:
+    """Disk keys of a linear's weight or bias: one per output slice (q/k/v, gate/up, the GDN
+    input projections), each named after its slice, under the linear's owner module."""
+    if len(module.slice_names) == 1:
+        return {name: Target(name, ())}
     prefix, suffix = name.rsplit(".", 1)
     owner = prefix.rsplit(".", 1)[0] + "."
-    if prefix.endswith("qkv_proj"):
-        return _slices(owner, suffix, ("q_proj", "k_proj", "v_proj"), module.out_splits)
-    if prefix.endswith("gate_up_proj"):
-        return _slices(owner, suffix, ("gate_proj", "up_proj"), module.out_splits)
-    return {name: ()}
+    keys, start = {}, 0
+    for slice_name, width in zip(module.slice_names, module.out_splits):
+        key = f"{owner}{slice_name.rsplit('.', 1)[1]}.{suffix}"
+        keys[key] = Target(name, (slice(start, start + width),),
+                           module.slice_rows.get(slice_name))
+        start += width
+    return keys
 
 
-def _expert_keys(name: str, module: MoeExperts, layout: str) -> dict[str, tuple]:
+def _expert_keys(name: str, module: MoeExperts, layout: str,
+                 transposable: bool) -> dict[str, Target]:
     """Disk keys of w_gate_up / w_down in the checkpoint's expert layout."""
     prefix, param = name.rsplit(".", 1)  # prefix = model.layers.L.mlp.experts
     fused = "gate_up_proj" if param == "w_gate_up" else "down_proj"
     if layout == "3d":
-        return {f"{prefix}.{fused}": ()}
+        return {f"{prefix}.{fused}": Target(name, (), transposable=transposable)}
     inter, keys = module.inter, {}
     for e in range(module.w_down.shape[0]):
         if param == "w_down":
-            keys[f"{prefix}.{e}.down_proj.weight"] = (e,)
+            keys[f"{prefix}.{e}.down_proj.weight"] = Target(name, (e,))
         else:
-            keys[f"{prefix}.{e}.gate_proj.weight"] = (e, slice(0, inter))
-            keys[f"{prefix}.{e}.up_proj.weight"] = (e, slice(inter, 2 * inter))
+            keys[f"{prefix}.{e}.gate_proj.weight"] = Target(name, (e, slice(0, inter)))
+            keys[f"{prefix}.{e}.up_proj.weight"] = Target(name, (e, slice(inter, 2 * inter)))
     return keys
 
 
 def checkpoint_plan(model: MoeForCausalLM, layout: str) -> dict[str, Target]:
     """Every disk key the model needs (normalized spelling) -> where it goes."""
     modules = dict(model.named_modules())
+    transposable = ARCHITECTURES[model.config.architecture].fused_experts_transposed
     plan: dict[str, Target] = {}
     for name, _ in model.named_parameters():  # a tied lm_head appears once, as embed_tokens
         module = modules[name.rsplit(".", 1)[0]]
         if isinstance(module, MoeExperts):
-            keys = _expert_keys(name, module, layout)
+            plan.update(_expert_keys(name, module, layout, transposable))
         elif isinstance(module, LoraLinear):
-            keys = _linear_keys(name, module)
+            plan.update(_linear_keys(name, module))
         else:
-            keys = {name: ()}
-        plan.update({key: Target(name, index) for key, index in keys.items()})
+            plan[name] = Target(name, ())
     return plan
 
 
@@ -121,13 +136,20 @@ def _checkpoint_files(path: Path) -> list[Path]:
 
 
 def _disk_keys(files: list[Path]) -> dict[str, Path]:
-    """Every tensor key on disk -> its file (reads headers only)."""
+    """Every tensor key on disk -> its file (reads headers only). A checkpoint saved from an
+    unmerged PEFT model (base weights beside lora_* tensors) is refused."""
     keys: dict[str, Path] = {}
     for file in files:
         if not file.is_file():
             raise ModelLoadError(f"checkpoint shard {file.name} is missing from {file.parent}")
         with safe_open(file, framework="pt") as f:
             keys.update(dict.fromkeys(f.keys(), file))
+    peft = next((key for key in keys if _PEFT_TENSOR.search(key)), None)
+    if peft is not None:
+        raise ModelLoadError(
+            f"{peft} in {keys[peft].name}: this checkpoint is an unmerged PEFT model (base weights "
+            "plus LoRA tensors); merge it (merge_and_unload) or serve the base checkpoint with "
+            "the adapter loaded separately")
     return keys
 
 
@@ -141,20 +163,41 @@ def _iter_tensors(files: list[Path], total: int) -> Iterator[tuple[str, torch.Te
 
 
 def detect_layout(keys: list[str]) -> str:
-    """"3d" when experts are stored fused (gate_up_proj / down_proj), else "2d"."""
-    return "3d" if any(_FUSED_EXPERT_KEY.search(normalize_key(k)) for k in keys) else "2d"
+    """"3d" when the served layers' experts are stored fused (gate_up_proj / down_proj), else
+    "2d" (extras such as MTP layers may differ: Qwen3.5 stores them per expert)."""
+    served = (normalize_key(k) for k in keys)
+    return "3d" if any(_FUSED_EXPERT_KEY.search(k) for k in served
+                       if not _IGNORED_EXTRA.search(k)) else "2d"
 
 
-def _skip_reason(key: str, model: MoeForCausalLM) -> str | None:
+def _skip_reason(key: str, config: ModelConfig) -> str | None:
     if _IGNORED_EXTRA.search(key):
         return "not used by the served model"
-    if key == "lm_head.weight" and model.config.tie_word_embeddings:
+    if _VISION.search(key) and ARCHITECTURES[config.architecture].text_config:
+        return "vision tower: loramux serves the text model"
+    if key == "lm_head.weight" and config.tie_word_embeddings:
         return "tie_word_embeddings is set: lm_head is embed_tokens"
     return None
 
 
-def _copy(model_params: dict, target: Target, key: str, tensor: torch.Tensor) -> None:
+def _written_transposed(config: ModelConfig) -> bool:
+    """Whether a square fused expert tensor is [E, in, out]: hub Qwen3-VL-MoE files are, what
+    transformers >= 5 writes is not (it converts them at load and saves [E, out, in])."""
+    major = re.match(r"\d+", config.transformers_version or "")
+    return not (major and int(major.group()) >= 5)
+
+
+def _copy(model_params: dict, target: Target, key: str, tensor: torch.Tensor,
+          config: ModelConfig) -> None:
     region = model_params[target.param].data[target.index]
+    if target.rows is not None:
+        tensor = tensor[target.rows]
+    if target.transposable and tensor.dim() == 3:
+        flipped = tensor.transpose(1, 2)
+        square = flipped.shape == tensor.shape
+        if (square and _written_transposed(config)) or (not square
+                                                        and flipped.shape == region.shape):
+            tensor = flipped
     if region.shape != tensor.shape:
         raise ModelLoadError(f"tensor {key} has shape {tuple(tensor.shape)}, expected "
                              f"{tuple(region.shape)} for this config.json")
@@ -169,20 +212,23 @@ def load_checkpoint(model: MoeForCausalLM, path: Path) -> str:
     plan = checkpoint_plan(model, layout)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    skipped: dict[str, list[str]] = {}
     for key, tensor in _iter_tensors(files, len(disk)):
         norm = normalize_key(key)
         target = plan.get(norm)
         if target is None:
-            reason = _skip_reason(key, model)
+            reason = _skip_reason(norm, model.config)
             if reason is None:
                 raise ModelLoadError(f"unexpected tensor {key} in {disk[key].name}: "
                                      f"no such weight in {model.config.architecture}")
-            logger.info("skipping %s (%s)", key, reason)
+            skipped.setdefault(reason, []).append(key)
             continue
         if norm in loaded:
             raise ModelLoadError(f"tensor {norm} appears twice (as {key})")
-        _copy(params, target, key, tensor)
+        _copy(params, target, key, tensor, model.config)
         loaded.add(norm)
+    for reason, keys in skipped.items():
+        logger.info("skipped %d tensors (%s), such as %s", len(keys), reason, keys[0])
     missing = sorted(set(plan) - loaded)
     if missing:
         raise ModelLoadError(f"tensor {missing[0]} missing from {path} "
@@ -203,8 +249,8 @@ def init_dummy(model: MoeForCausalLM, seed: int = 0) -> None:
             std = router_std if name.endswith("mlp.gate.weight") else 0.02
             param.normal_(0.0, std, generator=gen)
     for module in model.modules():
-        if isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
+        if isinstance(module, RMSNorm):  # the identity: 1, or 0 for a zero-centred norm
+            module.weight.fill_(0.0 if module.zero_centred else 1.0)
 
 
 @torch.no_grad()

@@ -49,12 +49,20 @@ class LoraLinear(nn.Module):
     Shape: weight [D_out, D_in], bias [D_out]; D_out = sum of slice widths.
     slices: (canonical LoRA name, width) of each output slice, in row order, for example
     (("layers.0.self_attn.q_proj", 64), ("layers.0.self_attn.k_proj", 32), ...).
+    slice_rows: for a slice whose rows we hold in another order than the checkpoint (Qwen3-Next's
+    head-grouped projections), the gather ours[j] = checkpoint[rows[j]]; applied to base weights
+    at load and to adapter B rows here.
+    split_gemm: one GEMM per slice, as the checkpoint's separate linears compute it. The Gated
+    DeltaNet projections use it: a fused GEMM's other blocking changes the last bits in fp32,
+    which the recurrence amplifies past the 1e-4 logit agreement with transformers.
     """
 
     def __init__(self, d_in: int, slices: tuple[tuple[str, int], ...], *, bias: bool,
                  ops: ModuleType, max_loras: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, slice_rows: dict[str, torch.Tensor] | None = None,
+                 split_gemm: bool = False) -> None:
         super().__init__()
+        self.slice_rows, self.split_gemm = slice_rows or {}, split_gemm
         self.slice_names = tuple(name for name, _ in slices)
         self.out_splits = tuple(width for _, width in slices)
         d_out = sum(self.out_splits)
@@ -71,7 +79,13 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
         """x [T, D_in] -> [T, D_out]."""
-        y = F.linear(x, self.weight, self.bias)
+        if self.split_gemm:
+            biases = (None,) * len(self.out_splits) if self.bias is None else \
+                self.bias.split(self.out_splits)
+            y = torch.cat([F.linear(x, w, b) for w, b in
+                           zip(self.weight.split(self.out_splits), biases)], dim=-1)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if lora is not None and lora.has_lora:
             self.ops.lora_delta(y, x, self.a_slots, self.b_slots, lora, self.out_splits)
         return y
@@ -90,5 +104,6 @@ class LoraLinear(nn.Module):
                 r = check_rank(name, w, self.max_rank)
                 block = j * self.max_rank
                 copy_into(self.a_slots[slot, block:block + r], w.a, name)
-                copy_into(self.b_slots[slot, start:start + width, :r], w.b, name)
+                b = w.b[self.slice_rows[name]] if name in self.slice_rows else w.b
+                copy_into(self.b_slots[slot, start:start + width, :r], b, name)
             start += width
