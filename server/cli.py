@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from engine.config import SUPPORTED_ARCHITECTURES
 from engine.demo import ensure_demo
 from server.launch import run
 from server.settings import (
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the OpenAI-compatible server. Without MODEL, serve the built-in "
                     "tiny demo model with its 2D and 3D demo adapters.")
     serve.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                       help="Hugging Face checkpoint directory (default: the built-in demo)")
+                       help="Hugging Face checkpoint directory (default: the built-in demo); "
+                            "architectures: " + ", ".join(SUPPORTED_ARCHITECTURES))
     _add_server_flags(serve)
     _add_engine_flags(serve)
     _add_lora_flags(serve)

@@ -36,7 +36,7 @@ def test_greedy_matches_transformers(checkpoint, arch, fused):
     assert llm.core.native_layout == ("3d" if fused else "2d")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ("qwen3_5_moe", "qwen3_next", "qwen3_vl_moe"))
 def test_first_step_logprobs_match_transformers(checkpoint, arch):
     path = checkpoint(arch)
     llm = LLM(path)

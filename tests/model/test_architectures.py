@@ -101,3 +101,4 @@ def test_flat_config_missing_field_is_named():
     del raw["num_experts_per_tok"]
     with pytest.raises(ModelLoadError, match="config.json: num_experts_per_tok is missing"):
         ModelConfig.from_dict(raw)
+

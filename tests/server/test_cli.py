@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from engine.config import SUPPORTED_ARCHITECTURES
 from server.cli import build_parser, main, settings_from_args
 from server.settings import LoraModule, SettingsError, parse_lora_module
 from tests.bad_adapters import write_bad_adapter
@@ -118,3 +119,12 @@ def test_static_adapter_that_fails_stops_start_up(server_env, demo, tmp_path):
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert "'broken'" in last and "DoRA" in last, done.stderr
+
+
+def test_serve_help_lists_every_architecture(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for arch in SUPPORTED_ARCHITECTURES:
+        assert arch in text
+    assert "Qwen3_5MoeForConditionalGeneration" in text
