@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 from kernels.attention import paged_decode_attention
+# Gated DeltaNet: the torch twins on CUDA too (tensor ops only, so CUDA graphs can hold a decode
+# step); fla-core's chunked and recurrent kernels are the faster path still to come.
+from kernels.gated_delta import causal_conv1d, gated_delta_rule
 from kernels.lora import lora_delta
 from kernels.meta import LoraMeta
 from kernels.moe import gemm_config, moe_gemm
@@ -17,7 +20,8 @@ from kernels.moe_align import moe_align, needs_alignment
 from kernels.moe_lora import moe_lora_delta
 from kernels.reference import MoeLora
 
-__all__ = ["fused_experts", "lora_delta", "paged_decode_attention"]
+__all__ = ["causal_conv1d", "fused_experts", "gated_delta_rule", "lora_delta",
+           "paged_decode_attention"]
 
 # Every op launches a fixed grid and reads no device value on the host: CUDA graphs may hold them.
 CUDA_GRAPH_SAFE = True

@@ -23,8 +23,11 @@ MIXTRAL_MLP = ("w1", "w3", "w2")  # gate, up, down
 EXPERTS_3D = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 PREFIX = "base_model.model."
 
-_2D_EXPERT = re.compile(r"^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)$")
-_3D_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)(\.base_layer)?$")
+GDN = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba",
+       "out_proj")  # Gated DeltaNet projections (Qwen3.5: split, Qwen3-Next: grouped)
+_LAYERS = r"model\.(?:language_model\.)?layers\.\d+"
+_2D_EXPERT = re.compile(rf"^({_LAYERS})\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)$")
+_3D_EXPERTS = re.compile(rf"^({_LAYERS}\.mlp\.experts)(\.base_layer)?$")
 
 
 def make_peft_3d_adapter(hf_model, path, r: int = 4, alpha: float = 8, *,
@@ -49,13 +52,15 @@ def peft_merged(hf_model, adapter_dir):
 
 
 def make_2d_adapter(hf_model, path, r: int = 4, alpha: float = 8, seed: int = 0, *,
-                    target_modules=ATTENTION + MLP + MIXTRAL_MLP, experts=None,
-                    **config_fields) -> Path:
+                    target_modules=ATTENTION + MLP + MIXTRAL_MLP + GDN, experts=None,
+                    megatron: bool = False, **config_fields) -> Path:
     """Per-expert (2D) adapter in the format PEFT + transformers 4 writes (FORMATS.md 2.1).
 
     Targets every Linear and every expert projection whose last name is in target_modules
     (Mixtral experts as block_sparse_moe.experts.e.w1/w3/w2); `experts` limits which experts get
     LoRA; rank_pattern / alpha_pattern / use_rslora in config_fields are honoured.
+    megatron: as ms-swift / mcore-bridge export Megatron LoRA: each expert's up A is a copy of
+    its gate A, and the Gated DeltaNet input projections of a layer share one A.
     """
     config = _config(r, alpha, **config_fields)
     generator = torch.Generator().manual_seed(seed)
@@ -66,7 +71,19 @@ def make_2d_adapter(hf_model, path, r: int = 4, alpha: float = 8, seed: int = 0,
             tensors[f"{PREFIX}{name}.lora_A.weight"] = _random((rank, d_in), True, generator)
             tensors[f"{PREFIX}{name}.lora_B.weight"] = _random((d_out, rank), False, generator)
             used.add(name.rsplit(".", 1)[-1])
+    if megatron:
+        _share_megatron_a(tensors)
     return _write(path, {**config, "target_modules": sorted(used)}, tensors)
+
+
+def _share_megatron_a(tensors: dict[str, torch.Tensor]) -> None:
+    """Copy gate A into up A, and in_proj_qkv's A into in_proj_z/b/a (one fused A in Megatron)."""
+    copies = {"up_proj.lora_A": "gate_proj.lora_A", "in_proj_z.lora_A": "in_proj_qkv.lora_A",
+              "in_proj_b.lora_A": "in_proj_qkv.lora_A", "in_proj_a.lora_A": "in_proj_qkv.lora_A"}
+    for key in list(tensors):
+        for dst, src in copies.items():
+            if dst in key and key.replace(dst, src) in tensors:
+                tensors[key] = tensors[key.replace(dst, src)].clone()
 
 
 def split_3d_to_2d(src_dir, dst_dir, *, mixtral_names: bool = False) -> Path:

@@ -30,10 +30,11 @@ from safetensors.torch import load as load_safetensors
 from engine.config import ModelConfig
 from engine.errors import AdapterLoadError
 from engine.lora.files import AdapterFiles, Fingerprint
-from engine.lora.validate import check_adapter
 from engine.lora.peft_keys import (LoraHyper, LoraPair, check_expert_rows, dim_names,
                                    fused_orientations, pair_up, peft_version_at_least,
                                    positional_candidates, read_config, unfold_fused)
+from engine.lora.shared_a import share_gate_up_a
+from engine.lora.validate import check_adapter
 from engine.lora.weights import ExpertLayout, LoraAdapter, LoraWeights
 
 logger = logging.getLogger(__name__)
@@ -64,11 +65,11 @@ def read_adapter(name: str, path: str, model_config: ModelConfig, max_rank: int,
     hyper = LoraHyper.from_config(config)
     tensors, file_format = _read_tensors(files)
     builder = _WeightBuilder(model_config, hyper, max_rank)
-    weights = builder.build(pair_up(tensors, f"adapter {path}"))
+    weights, shared = share_gate_up_a(builder.build(pair_up(tensors, f"adapter {path}")))
     _check_layout(builder.layout, is_3d_lora_weight, native_layout, allow_mixed)
     check_adapter(name, weights, config.get("base_model_name_or_path"), dtype, base_model)
     meta = {"format": file_format, "peft_version": hyper.peft_version,
-            "num_targets": len(weights), **builder.summary}
+            "num_targets": len(weights), **builder.summary, "shared_gate_up_a_layers": shared}
     logger.info("adapter %s read from %s: %s", name, path, meta)
     return LoraAdapter(name=name, path=str(path), weights=weights,
                        expert_layout=builder.layout, rank=max(w.rank for w in weights.values()),

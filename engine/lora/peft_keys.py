@@ -1,6 +1,7 @@
 """PEFT tensor keys and config patterns -> loramux's canonical LoRA target names.
 
-Key forms (after the PEFT prefix `base_model.model.` and the model's own `model.`):
+Key forms (after the PEFT prefix `base_model.model.` and the model's own `model.`, or
+`model.language_model.` / `language_model.model.` of ConditionalGeneration models):
   dense       layers.L.self_attn.q_proj.lora_A.weight             -> layers.L.self_attn.q_proj
   2D expert   layers.L.mlp.experts.e.gate_proj.lora_A.weight       -> layers.L.mlp.experts.gate_proj
               layers.L.block_sparse_moe.experts.e.w1.lora_A.weight (Mixtral: w1/w3/w2 gate/up/down)
@@ -39,7 +40,9 @@ _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<part>[AB])\.weight$")
 _BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
 _TRAILING_BASE = re.compile(r"(?:\.base_layer)+$")
-_IN_LAYERS = re.compile(r"^(?:model\.)?(?P<rest>layers\.\d+\..+)$")
+# the text model's layers: model.layers, or model.language_model.layers / language_model.model.
+# layers (ConditionalGeneration checkpoints, as PEFT and vLLM name them)
+_IN_LAYERS = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?(?P<rest>layers\.\d+\..+)$")
 _EXPERTS = re.compile(r"^(?P<layer>layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts(?P<tail>\..+)?$")
 _EXPERT_PROJ = re.compile(r"^\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)$")
 _FUSED_PROJ = re.compile(r"^\.(?P<proj>gate_up_proj|down_proj)$")
@@ -67,6 +70,15 @@ _DIM_NAMES = {
     "mlp.experts.up_proj": ("hidden_size", "moe_intermediate_size"),
     "mlp.experts.down_proj": ("moe_intermediate_size", "hidden_size"),
     "mlp.experts.gate_up_proj": ("hidden_size", "2*moe_intermediate_size"),
+    "linear_attn.in_proj_qkv": ("hidden_size", "2*linear_num_key_heads*linear_key_head_dim + "
+                                               "linear_num_value_heads*linear_value_head_dim"),
+    "linear_attn.in_proj_z": ("hidden_size", "linear_num_value_heads*linear_value_head_dim"),
+    "linear_attn.in_proj_b": ("hidden_size", "linear_num_value_heads"),
+    "linear_attn.in_proj_a": ("hidden_size", "linear_num_value_heads"),
+    "linear_attn.in_proj_qkvz": ("hidden_size", "2*linear_num_key_heads*linear_key_head_dim + "
+                                                "2*linear_num_value_heads*linear_value_head_dim"),
+    "linear_attn.in_proj_ba": ("hidden_size", "2*linear_num_value_heads"),
+    "linear_attn.out_proj": ("linear_num_value_heads*linear_value_head_dim", "hidden_size"),
 }
 
 

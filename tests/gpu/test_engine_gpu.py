@@ -19,7 +19,7 @@ import torch
 
 from engine import LLM, LoRARequest, SamplingParams
 from tests.adapters import make_2d_adapter, make_peft_3d_adapter, merged_reference
-from tests.tiny import ARCHS, load_reference, save_tiny_checkpoint
+from tests.tiny import ARCHS, HYBRID_ARCHS, load_reference, save_tiny_checkpoint
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -60,7 +60,7 @@ def check(path, prompts, refs, loras=None, **kwargs) -> None:
     assert errors["triton"].max() <= WORST_CAP, f"per-prompt errors {errors['triton'].tolist()}"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + HYBRID_ARCHS + ("qwen3_vl_moe",))
 def test_bf16_first_step_matches_fp32_transformers(tmp_path, arch):
     path = save_tiny_checkpoint(arch, tmp_path / arch)
     check(path, PROMPTS, reference_logprobs(load_reference(path)))
