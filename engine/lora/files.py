@@ -74,10 +74,15 @@ class AdapterFiles:
             fd = os.open(resolved, _OPEN_FLAGS)
         except OSError as err:
             raise AdapterLoadError(f"{file_name} cannot be opened: {err.strerror}") from err
-        with os.fdopen(fd, "rb") as handle:
+        try:
             self._check_opened(fd, resolved, file_name)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise AdapterLoadError(f"{file_name} is not a regular file")
+            handle = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with handle:
             data = handle.read()
         digest = FileDigest(file_name, len(data), hashlib.blake2b(data).hexdigest())
         if self.expected is not None and self.expected.get(file_name) != digest:

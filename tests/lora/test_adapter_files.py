@@ -129,3 +129,13 @@ def test_a_re_read_through_a_new_link_outside_is_forbidden(dirs, model_config):
     (good / WEIGHTS).symlink_to(outside / "copy" / WEIGHTS)
     with pytest.raises(AdapterPathForbidden):
         _read(good, model_config, root, expected=validated)
+
+
+def test_a_weights_name_that_is_a_directory_is_refused(dirs, model_config):
+    root, _, _ = dirs
+    path = root / "weights-dir"
+    shutil.copytree(root / "good", path)
+    (path / WEIGHTS).unlink()
+    (path / WEIGHTS).mkdir()
+    with pytest.raises(AdapterLoadError, match=f"{WEIGHTS} is not a regular file"):
+        _read(path, model_config, root)

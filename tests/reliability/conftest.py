@@ -27,3 +27,11 @@ def serving(server_env, adapter_root, demo_home):  # noqa: F811
         finally:
             stop_server(srv)
     return _serving
+
+
+@pytest.fixture(scope="session")
+def rel_server(serving):
+    """The suite's main server: 2 GPU slots, 4 CPU-cached adapters, 32 sequences."""
+    with serving("reliability", "--max-loras", "2", "--max-cpu-loras", "4", "--max-num-seqs",
+                 "32", "--num-kv-blocks", "512", "--block-size", "16") as srv:
+        yield srv
