@@ -10,7 +10,8 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig, parse_dtype
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import AdapterLoadError, EngineOverloaded, InvalidRequest, PromptTooLong
+from engine.errors import (AdapterLoadError, EngineOverloaded, InvalidRequest, NonFiniteOutput,
+                           PromptTooLong)
 from engine.lora.manager import AdapterHandle, LoraManager
 from engine.memory import MemoryPools, device_budget, plan_memory
 from engine.model import build_model, load_weights
@@ -199,9 +200,16 @@ class EngineCore:
             if not item.samples:
                 continue
             token, logprob = result.token_ids[row], result.logprobs[row]
+            finite = result.finite[row]
             row += 1
-            self._append(seq, token, logprob)
             touched.add(seq.request_id)
+            if seq.finish_reason is not None:  # a sibling sample failed earlier in this step
+                continue
+            if finite:
+                self._append(seq, token, logprob)
+            else:
+                seq.error = NonFiniteOutput(_non_finite_message(seq))
+                self._fail(seq)
         return touched
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
@@ -228,3 +236,11 @@ class EngineCore:
         if out.finished:
             del self.requests[request_id]
         return out
+
+
+def _non_finite_message(seq: Sequence) -> str:
+    where = f"at output token {len(seq.output)}"
+    if seq.adapter_name is None:
+        return f"the model's logits for this request are not finite (NaN or Inf) {where}"
+    return (f"the logits of adapter '{seq.adapter_name}' for this request are not finite (NaN or "
+            f"Inf) {where}: its LoRA delta overflows on this input")

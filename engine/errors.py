@@ -15,6 +15,10 @@ class InvalidRequest(EngineError):
     """A request's parameters are invalid (bad sampling parameters, empty prompt...)."""
 
 
+class NonFiniteOutput(InvalidRequest):
+    """The model's logits for a request are NaN or Inf (its adapter overflows on its input)."""
+
+
 class PromptTooLong(InvalidRequest):
     """The prompt plus requested tokens do not fit max_model_len."""
 

@@ -13,6 +13,7 @@ from engine.request import SamplingParams, TokenLogprob
 class SampleResult:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
+    finite: list[bool]  # False: the row's logits hold NaN or Inf and its token means nothing
 
 
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -42,16 +43,20 @@ def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 class Sampler:
     """Chooses one token per row. Greedy rows share one argmax; sampled rows use their own
     generator when seeded, so a seeded sequence is reproducible whatever it is batched with.
+    A row whose logits are not all finite is sampled as zeros and reported in `finite`.
     """
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> SampleResult:
+        finite = torch.isfinite(logits).all(dim=-1)  # [B]
+        logits = torch.where(finite[:, None], logits, 0.0)
         chosen = torch.argmax(logits, dim=-1)
         for row, (p, gen) in enumerate(zip(params, generators)):
             if not p.is_greedy:
                 chosen[row] = _draw(_filter(logits[row], p), gen)
         token_ids = chosen.tolist()
-        return SampleResult(token_ids, self._logprobs(logits, chosen, token_ids, params))
+        return SampleResult(token_ids, self._logprobs(logits, chosen, token_ids, params),
+                            finite.tolist())
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, token_ids: list[int],

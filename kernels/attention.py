@@ -4,8 +4,10 @@ A program owns one sequence and one KV head. The N/G query heads that share the 
 as the rows of one tile (padded to 16 for tl.dot), so each cached K/V row is read once for all
 of them. The program walks the context BLOCK_N positions at a time, looks each position's block
 up in the block table, and keeps an online softmax (running max m, running sum l, fp32
-accumulator), so it reads only the seq_len cached rows and never the blocks past them. A
-sequence of length 0 (a CUDA-graph padding row) runs no iteration and writes zeros.
+accumulator), so it reads only the seq_len cached rows and never the blocks past them: lanes
+past seq_len load zeros (other=0) and score -inf, so whatever the cache holds there (table
+padding, stale rows of freed blocks, another sequence's blocks, NaN or Inf) adds exactly zero.
+A sequence of length 0 (a CUDA-graph padding row) runs no iteration and writes zeros.
 """
 
 from __future__ import annotations

@@ -173,21 +173,25 @@ def paged_decode_attention(
     Args:
         q:            [B, N, D]      one query per sequence
         k_cache:      [num_blocks, block_size, G, D], v_cache alike
-        block_tables: [B, W] int32   block ids (every entry must be a valid block)
+        block_tables: [B, W] int32   block ids (entries past a sequence's blocks: any valid id)
         seq_lens:     [B] int32      context length including this step's token (0: padding)
         scale:        softmax scale
     Returns:
         [B, N, D] in q.dtype
 
     All sequences go through one SDPA call: K/V are gathered through the whole tables to
-    [B, G, W*bs, D] and masked past each length. The N/G query heads of a KV head ride as N/G
-    query rows of that head, so no K/V is repeated and the masked memory-efficient kernel
-    applies (SDPA's enable_gqa with a mask falls back to the slow math path).
+    [B, G, W*bs, D], set to zero past each length, and masked there. The zeroing is what keeps
+    sequences apart: past a length the gathered rows are table padding (block 0), stale rows of
+    freed blocks or another sequence's blocks, and a mask alone passes their NaN / Inf on
+    (NaN + -inf and 0 x NaN are NaN). The N/G query heads of a KV head ride as N/G query rows of
+    that head, so no K/V is repeated and the masked memory-efficient kernel applies (SDPA's
+    enable_gqa with a mask falls back to the slow math path).
     """
     num_seqs, num_heads, head_dim = q.shape
     k = k_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)  # [B, G, L, D]
     v = v_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)
     visible = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]  # [B, L]
+    k, v = (torch.where(visible[:, None, :, None], t, 0.0) for t in (k, v))
     q = q.reshape(num_seqs, k.shape[1], num_heads // k.shape[1], head_dim)  # [B, G, N/G, D]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None], scale=scale)
     out = out.reshape(num_seqs, num_heads, head_dim)

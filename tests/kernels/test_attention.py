@@ -7,6 +7,7 @@ import torch
 
 from kernels import attention, reference
 from tests.kernels._utils import assert_close, rel_err
+from tests.poison import stale_caches
 
 
 def _case(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, gen):
@@ -85,3 +86,32 @@ def test_paged_decode_attention_bf16_qwen3_shape(gen):
     ref = reference.paged_decode_attention(q.float(), clean[0].float(), clean[1].float(),
                                            tables, lens, scale)
     assert torch.isfinite(out).all() and rel_err(out, ref) <= 2e-2
+
+
+def _isolation_case(fill: float, device, gen):
+    """Block size 4. Sequence 0 owns block 0 (the runner pads every table with block 0) and is
+    poisoned; 1 and 2 are healthy; 3 is a padding row (length 0). Blocks 6, 8, 9 are free.
+    Returns q, the clean caches, the caches with `fill` in sequence 0's blocks, in the free blocks
+    and in the rows past each length, the tables and the lengths."""
+    lens = [5, 13, 1, 0]
+    tables = torch.tensor([[0, 5, 0, 0], [3, 1, 7, 2], [4, 0, 0, 0], [0, 0, 0, 0]],
+                          dtype=torch.int32)
+    clean, poisoned = stale_caches(lens, tables, fill, gen)
+    q = torch.randn(len(lens), 4, 16, generator=gen)
+    to = dict(device=device)
+    return (q.to(**to), [c.to(**to) for c in clean], [c.to(**to) for c in poisoned],
+            tables.to(**to), torch.tensor(lens, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), float("-inf")],
+                         ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("op", [attention.paged_decode_attention,
+                                reference.paged_decode_attention], ids=["triton", "twin"])
+def test_decode_reads_nothing_of_other_sequences_or_free_blocks(op, fill, device, gen):
+    """NaN / Inf in another sequence's blocks (also behind the block-0 padding of the tables), in
+    free blocks and past each length: every other sequence's output is bit-for-bit the same."""
+    q, clean, poisoned, tables, lens = _isolation_case(fill, device, gen)
+    want = op(q, *clean, tables, lens, 0.25)
+    got = op(q, *poisoned, tables, lens, 0.25)
+    assert torch.isfinite(want).all()
+    assert torch.equal(got[1:], want[1:])
