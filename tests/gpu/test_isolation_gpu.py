@@ -4,7 +4,9 @@ As tests/engine/test_isolation.py, against a control run instead of fixed refere
 control registers a clean copy of the adapter under the poisoned one's name, so both runs put
 the same requests in the same slots and batches (the poisoned requests take one token, and end
 at it either way). Every base and healthy-adapter answer must be token for token the control's,
-in bf16 and fp32, with the Triton kernels (CUDA graphs and eager) and the torch twins.
+with the Triton kernels (bf16 and fp32, CUDA graphs and eager; their rows do not depend on the
+other rows of a tile) and the torch twins in fp32 (their per-expert cuBLAS calls see other row
+counts when a poisoned row routes elsewhere, which in bf16 could flip a near-tied token).
 """
 
 from __future__ import annotations
@@ -45,10 +47,9 @@ def rounds(path: str, good: str, factor: float, **kwargs) -> list[dict]:
             for n, requests in enumerate((poisoned + healthy, healthy + poisoned, healthy))]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("backend, enforce_eager", [("triton", False), ("triton", True),
-                                                    ("torch", True)],
-                         ids=["triton-graphs", "triton-eager", "torch"])
+@pytest.mark.parametrize("dtype, backend, enforce_eager", [
+    ("bfloat16", "triton", False), ("bfloat16", "triton", True), ("float32", "triton", False),
+    ("float32", "torch", True)], ids=["bf16-graphs", "bf16-eager", "fp32-graphs", "fp32-twins"])
 def test_poisoned_adapter_changes_no_other_answer_on_gpu(setup, dtype, backend, enforce_eager):
     kwargs = dict(dtype=dtype, kernel_backend=backend, enforce_eager=enforce_eager)
     control, poisoned = (rounds(*setup, factor, **kwargs) for factor in (1.0, 1e30))

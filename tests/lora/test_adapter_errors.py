@@ -120,6 +120,9 @@ def test_adapter_mixing_2d_and_3d_expert_keys_is_refused(good, tmp_path):
     ("rank_pattern", {"q_proj": 0}, r"positive integers"),
     ("lora_alpha", "eight", r"lora_alpha a finite number, found r=4, lora_alpha='eight'"),
     ("alpha_pattern", {"(": 2}, r"alpha_pattern key is not a regex"),
+    ("alpha_pattern", {"q_proj": float("nan")}, r"alpha_pattern must map regexes to finite "
+                                                r"numbers, found 'q_proj': nan"),
+    ("alpha_pattern", {"q_proj": 10 ** 400}, r"finite numbers, found 'q_proj': 1000000"),
 ])
 def test_config_options_beyond_plain_lora_are_refused(option, value, expected, good, tmp_path):
     config, dirs = good
