@@ -1,62 +1,46 @@
-"""What the model reads each step: positions, attention, state and LoRA indexing."""
+"""What the scheduler decided for one step (Batch), and the StepPlan the worker gets for it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
-
-from kernels import LoraMeta
+from engine.plan import SampleRow, StepPlan
+from engine.sequence import Sequence
 
 
 @dataclass(slots=True)
-class AttentionMeta:
-    """Paged-attention indexing for one step of B sequences and T tokens.
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens fed to the model this step
+    samples: bool  # the step completes the sequence's uncomputed tokens: sample the next one
 
-    Running example: block_size 4; seq 0 prefills 3 new tokens into an empty cache (blocks [7]),
-    seq 1 decodes 1 token at position 5 (blocks [2, 9]).
-      slot_mapping = [28, 29, 30, 37]   # [T] int64: block * block_size + offset of each new token
-      query_start  = [0, 3, 4]          # [B + 1] int32 offsets of each sequence's tokens
-      seq_lens     = [3, 6]             # [B] int32 context length including this step's tokens
-      block_tables = [[7, 0], [2, 9]]   # [B, max_blocks] int32, padded with 0
-      query_lens_host, seq_lens_host    # the same as Python lists (the torch path loops on host)
-    A CUDA-graph step pads B to its bucket with rows of seq_len 0 whose token writes its K/V to
-    a scratch slot; block_tables is then [B, ceil(max_model_len / block_size)].
-    """
 
-    slot_mapping: torch.Tensor
-    query_start: torch.Tensor
-    seq_lens: torch.Tensor
-    block_tables: torch.Tensor
-    query_lens_host: list[int]
-    seq_lens_host: list[int]
+@dataclass(slots=True)
+class Batch:
+    items: list[ScheduledSeq]
 
     @property
-    def is_decode(self) -> bool:
-        """One query token per sequence: the batched decode kernel applies."""
-        return max(self.query_lens_host) == 1
+    def num_tokens(self) -> int:
+        return sum(item.num_tokens for item in self.items)
 
 
-@dataclass(slots=True)
-class StateMeta:
-    """Where each of the step's B sequences keeps its state of one kind (engine/memory/specs.py).
+def make_plan(batch: Batch, released: list[int]) -> StepPlan:
+    """The batch as plain data (copies: later steps do not change a plan once made).
 
-    Row i of a module's state tensor [num_slots + 1, ...] is read at slots[i]. A fresh row (its
-    sequence starts at position 0: new, or recomputed after preemption) must start from a zero
-    state, not read the slot. Padding rows of a CUDA-graph step use the scratch slot
-    (num_slots); a graph step never has fresh rows, so a captured forward need not test them.
+    released: ids of sequences finished since the last plan (the worker drops their state).
     """
-
-    slots: torch.Tensor  # [B] int32 on the device
-    slots_host: list[int]
-    fresh_host: list[bool]
-
-
-@dataclass(slots=True)
-class ForwardContext:
-    """Built once per step by the runner; every layer only reads it."""
-
-    positions: torch.Tensor  # [T] int64
-    attn: AttentionMeta
-    lora: LoraMeta | None  # None when LoRA is disabled
-    states: dict[str, StateMeta] = field(default_factory=dict)  # state kind -> its slots
+    plan = StepPlan([], [], [], [], [], [], released=released)
+    for row, item in enumerate(batch.items):
+        seq, start = item.seq, item.seq.num_computed
+        stop = start + item.num_tokens
+        plan.token_ids += seq.token_range(start, stop)
+        plan.positions += range(start, stop)
+        plan.adapter_slots += [seq.adapter_slot] * item.num_tokens
+        plan.query_lens.append(item.num_tokens)
+        plan.context_lens.append(stop)
+        plan.block_tables.append(list(seq.block_table))
+        for kind, slot in seq.state_slots.items():
+            plan.state_slots.setdefault(kind, []).append(slot)
+        if item.samples:
+            plan.samples.append(SampleRow(row, seq.seq_id, seq.params, seq.seed))
+    return plan

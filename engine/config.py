@@ -219,6 +219,15 @@ class LoraConfig:
     max_cpu_loras: int | None = None  # CPU LRU cache of loaded adapters; None = max_loras
     enable_mixed_moe_lora_format: bool = False
 
+    @property
+    def num_slots(self) -> int:
+        """S, the adapter slots the engine allocates: max_loras, or none with LoRA off."""
+        return self.max_loras if self.enabled else 0
+
+    @property
+    def cpu_capacity(self) -> int:
+        return self.max_cpu_loras or self.max_loras
+
     def __post_init__(self) -> None:
         if self.max_loras < 1:
             raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")

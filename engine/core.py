@@ -6,77 +6,48 @@ import logging
 import random
 from pathlib import Path
 
-import torch
-
-from engine.config import EngineConfig, ModelConfig, parse_dtype
+from engine.batch import Batch, make_plan
+from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import (AdapterLoadError, EngineOverloaded, InvalidRequest, NonFiniteOutput,
                            PromptTooLong)
 from engine.lora.manager import AdapterHandle, LoraManager
-from engine.memory import MemoryPools, device_budget, plan_memory
-from engine.model import build_model, load_weights
+from engine.memory import MemoryPools
 from engine.outputs import RequestState
+from engine.plan import SampleResult
 from engine.request import LoRARequest, RequestOutput, SamplingParams, TokenLogprob
-from engine.runner import ModelRunner
-from engine.sampler import SampleResult
-from engine.scheduler import Batch, Scheduler
-from engine.sequence import Sequence
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SeqStatus
+from engine.stats import EngineStats
 from engine.tokenizer import eos_token_ids, load_tokenizer
-from kernels import select_ops
+from engine.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
-    """auto: the checkpoint's dtype on CUDA, float32 on CPU (CPUs lack fast bf16)."""
-    if name != "auto":
-        return parse_dtype(name)
-    if device.type == "cpu":
-        return torch.float32
-    return parse_dtype(model_config.torch_dtype or "bfloat16")
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
         self.model_config = ModelConfig.from_pretrained(config.model)
-        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
-        torch.manual_seed(config.seed)
         self._rng = random.Random(config.seed)
         self.max_model_len = self._max_model_len()
-        lora = config.lora
-        num_slots = lora.max_loras if lora.enabled else 0
-        ops = select_ops(self.device, config.kernel_backend)
-        self.model = build_model(self.model_config, self.dtype, self.device, ops,
-                                 max_loras=num_slots, max_lora_rank=lora.max_lora_rank)
-        self.native_layout = load_weights(self.model, config.model, config.load_format)
-        sched = config.scheduler
-        specs = [module.memory_spec() for module in self.model.memory_modules()]
-        plan = plan_memory(specs, config.cache, device_budget(config.cache, self.device),
-                           self.max_model_len, sched.max_num_seqs, num_slots)
+        self.worker = Worker(config, self.model_config, self.max_model_len)
+        self.native_layout = self.worker.native_layout
+        plan = self.worker.plan_memory()
+        self.worker.allocate(plan)
         self.pools = MemoryPools(plan)
-        cuda_graphs = (self.device.type == "cuda" and ops.CUDA_GRAPH_SAFE
-                       and not config.enforce_eager)
-        self.runner = ModelRunner(self.model, plan, sched.max_num_batched_tokens,
-                                  sched.max_num_seqs, self.max_model_len, num_slots,
-                                  self.device, cuda_graphs)
-        self.lora = (LoraManager(lora, self.model_config, self.model, self.native_layout,
-                                 self.pools.adapters, config.model) if lora.enabled else None)
-        self.scheduler = Scheduler(sched, self.pools, self.lora)
+        self.lora = (LoraManager(config.lora, self.model_config, self.native_layout,
+                                 self.pools.adapters, self.worker.dtype, config.model)
+                     if config.lora.enabled else None)
+        self.scheduler = Scheduler(config.scheduler, self.pools, self.lora)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.eos_ids = eos_token_ids(config.model, self.model_config, self.tokenizer)
         self.requests: dict[str, RequestState] = {}
         self._next_seq_id = 0
+        self._released: list[int] = []  # finished sequences the worker has not been told of
         logger.info("engine ready: %s (%s, %s) on %s, max_model_len %d, LoRA slots %d",
-                    Path(config.model).name, self.model_config.architecture, self.dtype,
-                    self.device, self.max_model_len, num_slots)
+                    Path(config.model).name, self.model_config.architecture, self.worker.dtype,
+                    self.worker.device, self.max_model_len, config.lora.num_slots)
 
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings
@@ -120,17 +91,15 @@ class EngineCore:
 
     def _sequence(self, request_id: str, index: int, prompt: list[int], params: SamplingParams,
                   lora: AdapterHandle | None, max_tokens: int) -> Sequence:
-        generator = None
+        seed = None
         if not params.is_greedy:
-            generator = torch.Generator(device=self.device)
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
-            generator.manual_seed(seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop,
                                        params.skip_special_tokens,
                                        params.include_stop_str_in_output)
         self._next_seq_id += 1
         return Sequence(self._next_seq_id, request_id, index, list(prompt), params, lora, detok,
-                        max_tokens, generator)
+                        max_tokens, seed)
 
     def add(self, state: RequestState) -> None:
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
@@ -164,11 +133,29 @@ class EngineCore:
         for seq in state.seqs:
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
-            self.scheduler.finish(seq)
+            self._finish(seq)
         return state.output()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        """A plain snapshot of the queues, the memory pools and the adapter counters."""
+        sched = self.scheduler
+        running = {q.request_id: q.adapter_name for q in sched.running}
+        waiting = {q.request_id: q.adapter_name for q in sched.waiting
+                   if q.status is SeqStatus.WAITING}
+        stats = EngineStats(
+            num_running=len(running), num_waiting=len(waiting),
+            kv_cache_usage=self.pools.blocks.usage,
+            running_lora_adapters=sorted({a for a in running.values() if a}),
+            waiting_lora_adapters=sorted({a for a in waiting.values() if a}),
+            max_loras=self.config.lora.num_slots, slots_used=self.pools.adapters.num_used,
+            preemptions_total=sched.num_preemptions)
+        if self.lora is not None:
+            stats.adapter_loads_total = self.lora.loads_total
+            stats.adapter_evictions_total = self.lora.evictions_total
+        return stats
 
     # --- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -179,9 +166,12 @@ class EngineCore:
         touched = {seq.request_id for seq in failed}
         for seq in failed:
             self._fail(seq)
+        if self.lora is not None:
+            self.worker.apply(self.lora.take_ops())
         if batch.items:
-            result = self.runner.run(batch)
-            touched |= self._update(batch, result)
+            plan = make_plan(batch, self._released)
+            self._released = []
+            touched |= self._update(batch, self.worker.execute(plan))
         return [self._emit(rid) for rid in touched if rid in self.requests]
 
     def _fail(self, seq: Sequence) -> None:
@@ -189,7 +179,7 @@ class EngineCore:
         state.error = seq.error
         for other in state.seqs:
             other.finish_reason = other.finish_reason or "error"
-            self.scheduler.finish(other)
+            self._finish(other)
 
     def _update(self, batch: Batch, result: SampleResult | None) -> set[str]:
         touched: set[str] = set()
@@ -228,7 +218,12 @@ class EngineCore:
             elif len(seq.output) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:
-            self.scheduler.finish(seq)
+            self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if seq.seed is not None:
+            self._released.append(seq.seq_id)
 
     def _emit(self, request_id: str) -> RequestOutput:
         state = self.requests[request_id]

@@ -1,8 +1,10 @@
 """Engine: EngineCore driven by a step-loop thread, with an asyncio-friendly front.
 
-Callers (the HTTP server's event loop) never touch engine state directly: requests, aborts and
-adapter registrations go through a command queue the step thread drains before each step, and
-outputs come back through per-request asyncio queues. The thread sleeps when there is no work.
+Callers (the HTTP server's event loop) never touch engine state directly: requests and aborts go
+through a command queue the step thread drains before each step, and outputs come back through
+per-request asyncio queues. Adapter registrations go to the LoraManager's registry, which is
+shared under its lock (the step thread only reads it). Stats are the step thread's snapshot
+(EngineCore.stats). The thread sleeps when there is no work.
 """
 
 from __future__ import annotations
@@ -14,34 +16,18 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+import dataclasses
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
-from engine.errors import AdapterLoadError, EngineStopped
+from engine.errors import AdapterLoadError, EngineOverloaded, EngineStopped
 from engine.request import LoRARequest, RequestOutput, SamplingParams
-from engine.sequence import SeqStatus
+from engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.5  # how long the loop sleeps with nothing to do (new work wakes it at once)
 _POLL_S = 0.002  # pause when every waiting request waits on an adapter being read
-
-
-@dataclass
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    running_lora_adapters: list[str] = field(default_factory=list)
-    waiting_lora_adapters: list[str] = field(default_factory=list)
-    max_loras: int = 0
-    slots_used: int = 0
-    adapter_residency: dict[str, str] = field(default_factory=dict)
-    adapter_loads_total: int = 0
-    adapter_evictions_total: int = 0
-    preemptions_total: int = 0
-    is_alive: bool = True
 
 
 class Engine:
@@ -54,11 +40,12 @@ class Engine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
         self._stop = False
-        self._stats = EngineStats(max_loras=config.lora.max_loras if config.lora.enabled else 0)
+        self._stats: EngineStats = self.core.stats()
+        self._alive = True
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._stats.is_alive
+        return self._thread is not None and self._thread.is_alive() and self._alive
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
@@ -125,11 +112,10 @@ class Engine:
         return self.core.lora
 
     def stats(self) -> EngineStats:
-        stats = self._stats
-        if self.core.lora is not None:
-            stats.adapter_residency = self.core.lora.residency()
-        stats.is_alive = self.is_alive
-        return stats
+        """The step thread's latest snapshot, with adapter residency and liveness as of now."""
+        residency = {} if self.core.lora is None else self.core.lora.residency()
+        return dataclasses.replace(self._stats, adapter_residency=residency,
+                                   is_alive=self.is_alive)
 
     # --- the step thread -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -138,19 +124,19 @@ class Engine:
             try:
                 self._drain()
                 if not core.has_work():
-                    self._refresh_stats()
+                    self._stats = core.stats()
                     self._wake.wait(_IDLE_WAIT_S)
                     self._wake.clear()
                     continue
                 outputs = core.step()
-                self._refresh_stats()
+                self._stats = core.stats()
                 for out in outputs:
                     self._deliver(out.request_id, out)
-                if not outputs and not core.scheduler.running:
+                if not outputs and not self._stats.num_running:
                     time.sleep(_POLL_S)
             except Exception:
                 logger.exception("engine step failed; the engine is stopping")
-                self._stats.is_alive = False
+                self._alive = False
                 self._fail_all(EngineStopped("the engine loop failed; see the server log"))
                 return
 
@@ -163,7 +149,7 @@ class Engine:
             if kind == "add":
                 try:
                     self.core.add(arg)
-                except Exception as err:  # overloaded: tell that request only
+                except EngineOverloaded as err:  # tell that request only
                     self._deliver(arg.request_id, err)
             elif kind == "abort":
                 out = self.core.abort(arg)
@@ -182,18 +168,3 @@ class Engine:
     def _fail_all(self, err: Exception) -> None:
         for loop, out_queue in list(self._streams.values()):
             loop.call_soon_threadsafe(out_queue.put_nowait, err)
-
-    def _refresh_stats(self) -> None:
-        core, s = self.core, self._stats
-        running = {q.request_id: q.adapter_name for q in core.scheduler.running}
-        waiting = {q.request_id: q.adapter_name for q in core.scheduler.waiting
-                   if q.status is SeqStatus.WAITING}
-        s.num_running, s.num_waiting = len(running), len(waiting)
-        s.kv_cache_usage = core.pools.blocks.usage
-        s.running_lora_adapters = sorted({a for a in running.values() if a})
-        s.waiting_lora_adapters = sorted({a for a in waiting.values() if a})
-        s.preemptions_total = core.scheduler.num_preemptions
-        if core.lora is not None:
-            s.slots_used = core.lora.slots.num_used
-            s.adapter_loads_total = core.lora.loads_total
-            s.adapter_evictions_total = core.lora.evictions_total

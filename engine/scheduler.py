@@ -18,29 +18,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
 
+from engine.batch import Batch, ScheduledSeq
 from engine.config import SchedulerConfig
+from engine.errors import AdapterLoadError, AdapterNotFound
 from engine.memory import MemoryPools
 from engine.sequence import Sequence, SeqStatus
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ScheduledSeq:
-    seq: Sequence
-    num_tokens: int  # tokens fed to the model this step
-    samples: bool  # the step completes the sequence's uncomputed tokens: sample the next one
-
-
-@dataclass(slots=True)
-class Batch:
-    items: list[ScheduledSeq]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(item.num_tokens for item in self.items)
 
 
 class Scheduler:
@@ -99,7 +84,7 @@ class Scheduler:
                     continue
                 try:
                     slot = self.lora.try_pin(seq.adapter)
-                except Exception as err:  # the adapter could not be re-read: fail this request
+                except (AdapterLoadError, AdapterNotFound) as err:  # re-read failed: fail it
                     self.waiting.remove(seq)
                     seq.error = err
                     failed.append(seq)

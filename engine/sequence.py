@@ -1,11 +1,9 @@
-"""A sequence is one sample of a request: the unit the scheduler and runner work on."""
+"""A sequence is one sample of a request: the unit the scheduler works on (host state only)."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-
-import torch
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.request import SamplingParams, TokenLogprob
@@ -21,7 +19,7 @@ class SeqStatus(enum.Enum):
 class Sequence:
     """Tokens, memory held (KV blocks, state slots, adapter slot) and progress of one sample.
 
-    `num_computed` tokens of `prompt + output` have their K/V in the cache; the runner feeds the
+    `num_computed` tokens of `prompt + output` have their K/V in the cache; the next plan feeds the
     rest. After preemption (recompute) num_computed drops to 0 and the whole history is
     prefilled again, so outputs are unchanged.
     """
@@ -34,7 +32,7 @@ class Sequence:
     adapter: object | None  # engine.lora.manager.AdapterHandle
     detok: IncrementalDetokenizer
     max_tokens: int
-    generator: torch.Generator | None = None
+    seed: int | None = None  # of the sampling generator (None: greedy)
     output: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_computed: int = 0

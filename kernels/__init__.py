@@ -6,10 +6,10 @@ from types import ModuleType
 
 import torch
 
-from kernels.meta import LoraMeta
+from kernels.meta import LoraMeta, LoraMetaBuffers
 from kernels.reference import MoeLora
 
-__all__ = ["LoraMeta", "MoeLora", "select_ops"]
+__all__ = ["LoraMeta", "LoraMetaBuffers", "MoeLora", "select_ops"]
 
 
 def select_ops(device: torch.device, backend: str = "auto") -> ModuleType:

@@ -10,8 +10,10 @@ requests finish. The step thread asks try_pin() for a slot when it admits a sequ
 GPU-resident adapter is pinned at once; one in the CPU cache is copied into a free or evicted
 slot; one only on disk is read by a background thread while other requests keep running, and
 pinned once read, if its files still match the fingerprint of the read that validated it (else
-its requests fail with AdapterFilesChanged until it is reloaded). Registry and CPU cache are
-shared with the caller's thread under a lock; slots belong to the step thread alone.
+its requests fail with AdapterFilesChanged until it is reloaded). The manager never touches the
+device: a slot write or clear is an AdapterOp that the engine hands to the worker (`take_ops`)
+before the step that needs it. Registry and CPU cache are shared with the caller's thread under
+a lock; slots belong to the step thread alone.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+import torch
+
 from engine.config import LoraConfig, ModelConfig
 from engine.errors import AdapterAlreadyExists, AdapterNotFound
 from engine.lora.adapter import read_adapter
 from engine.lora.files import Fingerprint
 from engine.lora.weights import LoraAdapter
 from engine.memory import AdapterSlots
+from engine.plan import AdapterOp, ClearAdapter, WriteAdapter
 from engine.request import LoRARequest
 
 logger = logging.getLogger(__name__)
@@ -51,15 +56,17 @@ class AdapterHandle:
 
 
 class LoraManager:
-    def __init__(self, config: LoraConfig, model_config: ModelConfig, model,
-                 native_layout: str, slots: AdapterSlots, base_model: str | None = None) -> None:
+    def __init__(self, config: LoraConfig, model_config: ModelConfig, native_layout: str,
+                 slots: AdapterSlots, dtype: torch.dtype = torch.float32,
+                 base_model: str | None = None) -> None:
         self.config = config
+        self.dtype = dtype  # the serving dtype, which adapter values must fit
         self.base_model = base_model  # the served checkpoint, to warn of adapters of another
         self.model_config = model_config
-        self.model = model
         self.native_layout = native_layout
         self.slots = slots  # the engine's pool (MemoryPools.adapters): pins end with a sequence
-        self.cpu_capacity = config.max_cpu_loras or config.max_loras
+        self.cpu_capacity = config.cpu_capacity
+        self._ops: list[AdapterOp] = []  # slot writes and clears for the worker, in order
         self._registry: dict[str, AdapterHandle] = {}
         self._cpu: OrderedDict[int, LoraAdapter] = OrderedDict()
         self._loading: dict[int, Future] = {}
@@ -80,7 +87,7 @@ class LoraManager:
         return read_adapter(
             req.lora_name, req.lora_path, self.model_config, self.config.max_lora_rank,
             is_3d_lora_weight=req.is_3d_lora_weight, native_layout=self.native_layout,
-            allow_mixed=self.config.enable_mixed_moe_lora_format, dtype=self.model.dtype,
+            allow_mixed=self.config.enable_mixed_moe_lora_format, dtype=self.dtype,
             base_model=self.base_model, allowed_roots=req.allowed_roots, expected=expected)
 
     def check_new(self, req: LoRARequest) -> None:
@@ -161,7 +168,7 @@ class LoraManager:
         if evicted is not None:
             self.evictions_total += 1
             logger.debug("evicted adapter registration %d from slot %d", evicted, slot)
-        self.model.write_lora_slot(slot, adapter.weights)
+        self._ops.append(WriteAdapter(slot, adapter.weights))
         self.slots.assign(slot, handle.key)
         self.slots.pin(slot)
         self._blocked.discard(handle.key)
@@ -195,9 +202,15 @@ class LoraManager:
         for slot in self.slots.idle_slots():
             if self.slots.key_of[slot] not in live:
                 self.slots.release(slot)
+                self._ops.append(ClearAdapter(slot))
         for key in [k for k, future in self._loading.items() if k not in live and future.done()]:
             del self._loading[key]  # a waiting request of that registration reads it again
         self._blocked &= live
+
+    def take_ops(self) -> list[AdapterOp]:
+        """The slot writes and clears decided since the last call, for Worker.apply."""
+        ops, self._ops = self._ops, []
+        return ops
 
     def shutdown(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)

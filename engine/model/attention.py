@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.batch import AttentionMeta, ForwardContext
+from engine.model.forward import AttentionMeta, ForwardContext
 from engine.config import ModelConfig
 from engine.memory.specs import PagedKV
 from engine.model.layers import RMSNorm, apply_rope

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.batch import ForwardContext
+from engine.model.forward import ForwardContext
 from engine.config import ModelConfig
 from engine.lora.weights import LoraWeights
 from engine.memory.specs import MemoryModule

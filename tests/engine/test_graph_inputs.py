@@ -1,13 +1,13 @@
 """The padded inputs of a CUDA-graph decode step, checked on CPU: a stand-in for DecodeGraphs
 re-runs the captured forward instead of replaying a graph, so padding rows (scratch KV slot,
-seq_len 0, LoRA slot -1), full-width block tables and the refreshed LoraMeta must give the
-greedy tokens of ordinary steps."""
+seq_len 0, LoRA slot -1), full-width block tables and the LoraMeta refilled in the captured
+buffers must give the greedy tokens of ordinary steps."""
 
 from __future__ import annotations
 
 from engine import LLM, LoRARequest, SamplingParams
-from engine import runner as runner_module
-from engine.cuda_graphs import DecodeGraphs, batch_buckets
+from engine.worker import worker as worker_module
+from engine.worker.cuda_graphs import DecodeGraphs, batch_buckets
 from tests.adapters import make_2d_adapter
 from tests.tiny import load_reference
 
@@ -19,13 +19,11 @@ DECODE = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 class RerunGraphs(DecodeGraphs):
     """Keeps each bucket's forward and calls it on replay (no CUDA needed)."""
 
-    def capture(self, bucket, forward, lora):
-        self._graphs[bucket], self._lora[bucket] = forward, lora
+    def capture(self, bucket, forward):
+        self._graphs[bucket] = forward
 
-    def replay(self, bucket, lora):
+    def replay(self, bucket):
         self.replays = getattr(self, "replays", 0) + 1
-        if lora is not None:
-            self._lora[bucket].copy_(lora)
         return self._graphs[bucket]()
 
 
@@ -37,13 +35,13 @@ def test_batch_buckets():
 
 def _tokens(path, loras, graphs: bool, monkeypatch) -> list[list[int]]:
     llm = LLM(path, block_size=4, num_blocks=64, max_num_seqs=8, max_loras=2, max_lora_rank=8)
-    runner = llm.core.runner
+    worker = llm.core.worker
     if graphs:
-        monkeypatch.setattr(runner_module, "DecodeGraphs", RerunGraphs)
-        runner.graphs = runner._capture_graphs(8)
+        monkeypatch.setattr(worker_module, "DecodeGraphs", RerunGraphs)
+        worker.graphs = worker.capture_graphs(8)
     outs = llm.generate(PROMPTS, DECODE, loras)
     if graphs:
-        assert runner.graphs.replays == DECODE.max_tokens - 1
+        assert worker.graphs.replays == DECODE.max_tokens - 1
     return [list(out.outputs[0].token_ids) for out in outs]
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from engine import LLM, SamplingParams
-from engine import core as core_module
+from engine.worker import worker as worker_module
 from engine.config import CacheConfig, SchedulerConfig
 from engine.memory import MemoryPlan, MemoryPools, PagedKV, StateSpec, StateTensor, plan_memory
 from engine.scheduler import Scheduler
@@ -133,8 +133,8 @@ def inject_recurrence(monkeypatch) -> list[FakeRecurrence]:
         built.append(add_recurrence(model.model.layers[1].self_attn, model.config.hidden_size))
         return model
 
-    real_build = core_module.build_model
-    monkeypatch.setattr(core_module, "build_model", build)
+    real_build = worker_module.build_model
+    monkeypatch.setattr(worker_module, "build_model", build)
     return built
 
 

@@ -26,12 +26,12 @@ def greedy_tokens(path, loras: list, **kwargs) -> tuple[list[list[int]], int]:
     """Tokens for the first 3 then the first 5 prompts, and how many steps replayed a graph."""
     llm = LLM(str(path), dtype="float32", device="cuda", kernel_backend="triton",
               max_num_seqs=8, **kwargs)
-    graphs = llm.core.runner.graphs
+    graphs = llm.core.worker.graphs
     assert (graphs is None) == kwargs.get("enforce_eager", False)
     replays = []
     if graphs is not None:
         real_replay = graphs.replay
-        graphs.replay = lambda bucket, lora: replays.append(bucket) or real_replay(bucket, lora)
+        graphs.replay = lambda bucket: replays.append(bucket) or real_replay(bucket)
     tokens = []
     for n in (3, 5):
         outs = llm.generate(PROMPTS[:n], DECODE, loras[:n])

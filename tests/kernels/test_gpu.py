@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import LoraMeta, MoeLora, reference, triton_ops
+from kernels import LoraMeta, LoraMetaBuffers, MoeLora, reference, triton_ops
 from tests.kernels._utils import rel_err, token_slots
 
 pytestmark = [pytest.mark.gpu,
@@ -85,7 +85,8 @@ def test_cuda_graph_replays_a_new_adapter_mix(gen):
     b = _randn(cuda_gen, slots, 1024, 16, fan_in=16).bfloat16()
     y0 = _randn(cuda_gen, num_tokens, 1024).bfloat16()
     cuda = torch.device("cuda")
-    meta = LoraMeta.build(token_slots("distinct", num_tokens, slots, gen), slots, cuda)
+    buffers = LoraMetaBuffers(num_tokens, slots, cuda)
+    meta = buffers.fill(token_slots("distinct", num_tokens, slots, gen))
     y = y0.clone()
 
     def step():
@@ -101,8 +102,7 @@ def test_cuda_graph_replays_a_new_adapter_mix(gen):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
-    other = LoraMeta.build(token_slots("with_base", num_tokens, slots, gen), slots, cuda)
-    meta.copy_(other)
+    meta = buffers.fill(token_slots("with_base", num_tokens, slots, gen))  # same addresses
     logits = _randn(cuda_gen, num_tokens, 32)
     new_weights, new_ids = torch.topk(logits.softmax(-1), 8, dim=-1)
     args[3].copy_(new_weights)

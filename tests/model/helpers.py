@@ -1,5 +1,5 @@
 """Drive the model the way the engine does, without the engine: small paged KV caches, block
-tables handed out out of order, and a ForwardContext built by hand for each step."""
+tables handed out out of order, and a StepPlan built by hand for each step."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 import kernels
-from engine.batch import AttentionMeta, ForwardContext
 from engine.config import ModelConfig
 from engine.memory import MemoryPlan
 from engine.model import MoeForCausalLM, build_model, load_weights
+from engine.plan import StepPlan
+from engine.worker.inputs import StepInputs
 from engine.worker.memory import allocate_memory
-from kernels import LoraMeta
 
 
 def load_model(path: Path, max_loras: int = 0, max_lora_rank: int = 0,
@@ -33,7 +33,11 @@ class PagedSession:
 
     def __init__(self, model: MoeForCausalLM, block_size: int = 4, num_blocks: int = 32,
                  seed: int = 0) -> None:
-        allocate_memory(model.memory_modules(), MemoryPlan(block_size, num_blocks), model.device)
+        memory = MemoryPlan(block_size, num_blocks)
+        allocate_memory(model.memory_modules(), memory, model.device)
+        self.inputs = StepInputs(memory, max_tokens=1024, max_seqs=32,
+                                 max_model_len=num_blocks * block_size,
+                                 num_adapter_slots=model.max_loras, device=model.device)
         self.model, self.block_size = model, block_size
         self.free = list(range(1, num_blocks))  # block 0 stays unused: it pads block tables
         random.Random(seed).shuffle(self.free)
@@ -50,30 +54,18 @@ class PagedSession:
 
     def step(self, chunks: list[tuple[int, list[int], int]]) -> list[torch.Tensor]:
         """chunks: (seq id, new token ids, LoRA slot or -1) -> logits [len(new), V] per chunk."""
-        device = self.model.device
-        positions = [self._positions(seq, len(tokens)) for seq, tokens, _ in chunks]
-        flat_pos = [p for pos in positions for p in pos]
-        slot_mapping = [self.blocks[seq][p // self.block_size] * self.block_size
-                        + p % self.block_size for (seq, _, _), pos in zip(chunks, positions)
-                        for p in pos]
-        q_lens = [len(tokens) for _, tokens, _ in chunks]
-        seq_lens = [self.lens[seq] for seq, _, _ in chunks]
-        width = max(len(self.blocks[seq]) for seq, _, _ in chunks)
-        tables = [self.blocks[seq] + [0] * (width - len(self.blocks[seq])) for seq, _, _ in chunks]
-        attn = AttentionMeta(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
-            query_start=torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-            query_lens_host=q_lens, seq_lens_host=seq_lens)
-        token_slots = [slot for (_, tokens, slot) in chunks for _ in tokens]
-        lora = (LoraMeta.build(token_slots, self.model.max_loras, device)
-                if self.model.max_loras else None)
-        ctx = ForwardContext(torch.tensor(flat_pos, dtype=torch.int64, device=device), attn, lora)
-        ids = torch.tensor([t for _, tokens, _ in chunks for t in tokens], device=device)
+        plan = StepPlan([], [], [], [], [], [])
+        for seq, tokens, slot in chunks:
+            plan.positions += self._positions(seq, len(tokens))
+            plan.token_ids += tokens
+            plan.adapter_slots += [slot] * len(tokens)
+            plan.query_lens.append(len(tokens))
+            plan.context_lens.append(self.lens[seq])
+            plan.block_tables.append(self.blocks[seq])
+        ctx, ids, _ = self.inputs.prepare(plan)
         with torch.inference_mode():
             logits = self.model.compute_logits(self.model(ids, ctx))
-        return list(logits.split(q_lens))
+        return list(logits.split(plan.query_lens))
 
 
 def reference_logits(ref, tokens: list[int]) -> torch.Tensor:

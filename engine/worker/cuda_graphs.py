@@ -3,15 +3,19 @@
 A decode step of a MoE model is hundreds of small kernel launches, so on a GPU the host sets
 its pace, not the device. DecodeGraphs records the model forward plus the logits of every row
 for each bucket B in 1, 2, 4, ..., max_batch and replays the smallest bucket that holds a
-decode-only step (every sequence feeds one token). Invariants the runner keeps:
-  - the static inputs are its preallocated device buffers (input ids, positions, KV slots,
-    sequence lengths, block tables of the full width ceil(max_model_len / block_size)), so
-    their addresses never change; it rewrites them in place before every replay;
+decode-only step (every sequence feeds one token to a non-empty context: a graph never sees a
+fresh state row). Invariants the worker keeps:
+  - the static inputs are the StepInputs buffers (input ids, positions, KV slots, sequence
+    lengths, block tables of the full width ceil(max_model_len / block_size), state slots,
+    the LoraMeta buffers), so their addresses never change; a step rewrites them in place
+    before every replay;
   - rows past the step's sequences are padding: token 0 at position 0, seq_len 0 (attention
-    writes zeros), K/V written to a scratch slot outside the allocator's blocks, LoRA slot -1;
-  - each bucket owns a LoraMeta captured with LoRA on (every LoRA kernel is in the graph and
-    its programs of unused slots exit), refreshed with LoraMeta.copy_; LoRA slot buffers are
-    rewritten in place, so a replay sees the adapters resident at that moment.
+    writes zeros), K/V written to a scratch slot outside the pool's blocks, state rows at the
+    scratch slot, LoRA slot -1;
+  - each bucket is captured with LoRA on (every LoRA kernel is in the graph and its programs
+    of unused slots exit); the LoraMeta of a step with the bucket's token count has the
+    captured addresses, and LoRA slot buffers are rewritten in place, so a replay sees the
+    adapters resident at that moment.
 Sampling stays outside the graph.
 """
 
@@ -23,8 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.scheduler import Batch
-from kernels import LoraMeta
+from engine.plan import StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -36,29 +39,22 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """The captured graphs, their LoRA metas and their output logits, keyed by bucket."""
+    """The captured graphs and their output logits, keyed by bucket."""
 
     def __init__(self, max_batch: int, device: torch.device) -> None:
         self.buckets = batch_buckets(max_batch)
         self.device = device
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
-        self._lora: dict[int, LoraMeta | None] = {}
         self._pool = None
 
-    def bucket(self, batch: Batch) -> int | None:
-        """The smallest bucket that holds a decode-only step, else None (run it eagerly).
-
-        A one-token prompt's first step also runs eagerly: graphs never see a fresh state row."""
-        num_seqs = len(batch.items)
-        if not 0 < num_seqs <= self.buckets[-1]:
+    def bucket(self, plan: StepPlan) -> int | None:
+        """The smallest bucket that holds a decode-only step, else None (run it eagerly)."""
+        if not 0 < plan.num_seqs <= self.buckets[-1] or not plan.is_decode:
             return None
-        if any(item.num_tokens != 1 or item.seq.num_computed == 0 for item in batch.items):
-            return None
-        return self.buckets[bisect.bisect_left(self.buckets, num_seqs)]
+        return self.buckets[bisect.bisect_left(self.buckets, plan.num_seqs)]
 
-    def capture(self, bucket: int, forward: Callable[[], torch.Tensor],
-                lora: LoraMeta | None) -> None:
+    def capture(self, bucket: int, forward: Callable[[], torch.Tensor]) -> None:
         """Record `forward` (reading the static inputs, returning logits [bucket, V]).
 
         It runs once uncaptured first, so Triton compiles its kernels outside the graph.
@@ -72,15 +68,11 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = graph.pool()
         self._graphs[bucket] = graph
-        self._lora[bucket] = lora
 
-    def replay(self, bucket: int, lora: LoraMeta | None) -> torch.Tensor:
-        """Replay a bucket whose static inputs are written; `lora` covers its `bucket` rows.
+    def replay(self, bucket: int) -> torch.Tensor:
+        """Replay a bucket whose static inputs are written.
 
         Returns logits [bucket, V] float32, a static buffer the next replay overwrites.
         """
-        static = self._lora[bucket]
-        if static is not None:
-            static.copy_(lora)
         self._graphs[bucket].replay()
         return self._logits[bucket]

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from engine.plan import SampleResult
 from engine.request import SamplingParams, TokenLogprob
-
-
-@dataclass
-class SampleResult:
-    token_ids: list[int]
-    logprobs: list[TokenLogprob | None]
-    finite: list[bool]  # False: the row's logits hold NaN or Inf and its token means nothing
 
 
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""What crosses from the engine to the worker each step, and back: plain host data only.
+
+A StepPlan says everything the device needs for one forward: the flat token ids and positions,
+and per sequence (row) its query and context lengths, block table, state slots and sampling.
+AdapterOps write or clear an adapter slot from host tensors. The worker executes a plan after
+applying the ops that came with it and returns a SampleResult. No Sequence, tokenizer or device
+object crosses, so a plan can be recorded, replayed, or broadcast to several workers.
+
+Running example: block_size 4; seq 7 prefills 3 new tokens into an empty cache (blocks [5]),
+seq 9 (adapter slot 1) decodes 1 token at position 5 (blocks [2, 6]) and samples.
+  token_ids     = [11, 12, 13, 40]    # [T]
+  positions     = [0, 1, 2, 5]        # [T]
+  adapter_slots = [-1, -1, -1, 1]     # [T] adapter slot of each token, -1 = base model
+  query_lens    = [3, 1]              # [B] tokens fed this step
+  context_lens  = [3, 6]              # [B] tokens in the cache after this step
+  block_tables  = [[5], [2, 6]]       # [B] the KV blocks of each sequence
+  state_slots   = {}                  # kind -> [B], for each state kind the model declares
+  samples       = [SampleRow(row=1, seq_id=9, params, seed=None)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.lora.weights import LoraWeights
+from engine.request import SamplingParams, TokenLogprob
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRow:
+    """A row that samples its next token: its params and the seed of its generator."""
+
+    row: int  # index into the plan's sequences
+    seq_id: int  # keys the worker's per-sequence generator
+    params: SamplingParams
+    seed: int | None  # None for greedy rows
+
+
+@dataclass(slots=True)
+class StepPlan:
+    token_ids: list[int]
+    positions: list[int]
+    adapter_slots: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    state_slots: dict[str, list[int]] = field(default_factory=dict)
+    samples: list[SampleRow] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)  # seq ids done: drop their generators
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every row feeds one token to a non-empty context: what a decode graph holds."""
+        return all(q == 1 and c > 1 for q, c in zip(self.query_lens, self.context_lens))
+
+
+@dataclass(frozen=True, slots=True)
+class WriteAdapter:
+    """Load an adapter into a slot (canonical names, scale folded into B, CPU tensors)."""
+
+    slot: int
+    weights: dict[str, LoraWeights]
+
+
+@dataclass(frozen=True, slots=True)
+class ClearAdapter:
+    slot: int
+
+
+AdapterOp = WriteAdapter | ClearAdapter
+
+
+@dataclass(slots=True)
+class SampleResult:
+    """The sampled tokens of the plan's sampling rows, in order, with their logprobs."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+    finite: list[bool]  # False: the row's logits hold NaN or Inf and its token means nothing

@@ -1,0 +1,21 @@
+"""EngineStats: a plain snapshot of the engine's queues, memory pools and adapter counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)
+    max_loras: int = 0
+    slots_used: int = 0
+    adapter_residency: dict[str, str] = field(default_factory=dict)
+    adapter_loads_total: int = 0
+    adapter_evictions_total: int = 0
+    preemptions_total: int = 0
+    is_alive: bool = True

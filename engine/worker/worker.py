@@ -1,0 +1,144 @@
+"""Worker: owns everything on the device and executes StepPlans.
+
+The model and its weights, the per-sequence memory it declares (KV caches, states), the adapter
+slot buffers, the step input buffers, the decode CUDA graphs, the sampler and each sequence's
+torch.Generator. Nothing else crosses: AdapterOps and StepPlans come in (engine/plan.py),
+SampleResults go out. Build it, size memory with `plan_memory` (or take a plan made elsewhere),
+`allocate(plan)`, then per step `apply(ops)` and `execute(plan)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig, parse_dtype
+from engine.memory import MemoryPlan, device_budget, plan_memory
+from engine.model import build_model, load_weights
+from engine.model.forward import ForwardContext
+from engine.plan import AdapterOp, SampleResult, SampleRow, StepPlan, WriteAdapter
+from engine.worker.cuda_graphs import DecodeGraphs
+from engine.worker.inputs import StepInputs
+from engine.worker.memory import allocate_memory
+from engine.worker.sampler import Sampler
+from kernels import select_ops
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
+    """auto: the checkpoint's dtype on CUDA, float32 on CPU (CPUs lack fast bf16)."""
+    if name != "auto":
+        return parse_dtype(name)
+    if device.type == "cpu":
+        return torch.float32
+    return parse_dtype(model_config.torch_dtype or "bfloat16")
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig,
+                 max_model_len: int) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, model_config, self.device)
+        torch.manual_seed(config.seed)
+        self.num_adapter_slots = config.lora.num_slots
+        self.ops = select_ops(self.device, config.kernel_backend)
+        self.model = build_model(model_config, self.dtype, self.device, self.ops,
+                                 max_loras=self.num_adapter_slots,
+                                 max_lora_rank=config.lora.max_lora_rank)
+        self.native_layout = load_weights(self.model, config.model, config.load_format)
+        self.sampler = Sampler()
+        self._generators: dict[int, torch.Generator] = {}
+        self.inputs: StepInputs | None = None
+        self.graphs: DecodeGraphs | None = None
+
+    def plan_memory(self) -> MemoryPlan:
+        """Size every pool from what the model declares and the device memory left now."""
+        specs = [module.memory_spec() for module in self.model.memory_modules()]
+        return plan_memory(specs, self.config.cache, device_budget(self.config.cache,
+                                                                   self.device),
+                           self.max_model_len, self.config.scheduler.max_num_seqs,
+                           self.num_adapter_slots)
+
+    def allocate(self, plan: MemoryPlan) -> None:
+        """Allocate the planned memory and the step buffers, and capture the decode graphs."""
+        allocated = allocate_memory(self.model.memory_modules(), plan, self.device)
+        sched = self.config.scheduler
+        self.inputs = StepInputs(plan, sched.max_num_batched_tokens, sched.max_num_seqs,
+                                 self.max_model_len, self.num_adapter_slots, self.device)
+        logger.info("memory: %s; %.2f GiB allocated", plan.describe(), allocated / 2**30)
+        use_graphs = (self.device.type == "cuda" and self.ops.CUDA_GRAPH_SAFE
+                      and not self.config.enforce_eager)
+        if use_graphs:
+            self.graphs = self.capture_graphs(min(sched.max_num_seqs,
+                                                  sched.max_num_batched_tokens))
+
+    def apply(self, ops: list[AdapterOp]) -> None:
+        """Write or clear adapter slots, in order."""
+        for op in ops:
+            if isinstance(op, WriteAdapter):
+                self.model.write_lora_slot(op.slot, op.weights)
+            else:
+                self.model.clear_lora_slot(op.slot)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> SampleResult | None:
+        """Run one step; returns the sampled tokens of the plan's sampling rows, in order."""
+        for seq_id in plan.released:
+            self._generators.pop(seq_id, None)
+        bucket = None if self.graphs is None else self.graphs.bucket(plan)
+        ctx, input_ids, num_rows = self.inputs.prepare(plan, bucket)
+        if bucket is None:
+            out = self.model(input_ids, ctx)  # hidden states [T, H]
+        else:
+            out = self.graphs.replay(bucket)  # logits [bucket, V]
+        if not num_rows:  # no host sync this step: wait before the input buffers are rewritten
+            if self.inputs.pinned:
+                torch.cuda.synchronize(self.device)
+            return None
+        out = out[self.inputs.logits_rows(num_rows)]
+        logits = self.model.compute_logits(out) if bucket is None else out
+        return self.sampler(logits, [row.params for row in plan.samples],
+                            [self._generator(row) for row in plan.samples])
+
+    def _generator(self, row: SampleRow) -> torch.Generator | None:
+        """The sequence's generator, seeded on its first draw (None for greedy rows)."""
+        if row.seed is None:
+            return None
+        generator = self._generators.get(row.seq_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(row.seed)
+            self._generators[row.seq_id] = generator
+        return generator
+
+    @torch.inference_mode()
+    def capture_graphs(self, max_batch: int) -> DecodeGraphs:
+        """One decode graph per batch bucket, from all-padding inputs, LoRA on when enabled."""
+        start = time.perf_counter()
+        graphs = DecodeGraphs(max_batch, self.device)
+        empty = StepPlan([], [], [], [], [], [])
+        for bucket in reversed(graphs.buckets):
+            ctx, input_ids, _ = self.inputs.prepare(empty, bucket)
+            if self.num_adapter_slots:  # the same buffers prepare fills for `bucket` tokens
+                ctx.lora = self.inputs.lora.fill([i % self.num_adapter_slots
+                                                  for i in range(bucket)])
+            graphs.capture(bucket, functools.partial(self._all_logits, input_ids, ctx))
+        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
+                    len(graphs.buckets), graphs.buckets, time.perf_counter() - start)
+        return graphs
+
+    def _all_logits(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """logits [T, V] of every row: what a decode graph computes."""
+        return self.model.compute_logits(self.model(input_ids, ctx))
