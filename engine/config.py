@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,3 +254,25 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoraConfig}
+
+
+def make_config(model: str, **kwargs) -> EngineConfig:
+    """An EngineConfig from flat keyword arguments (max_loras=4, block_size=8, ...): the one
+    flat-to-nested mapper (LLM and the server's Settings). A section field's name goes to its
+    section; max_loras or max_lora_rank (or enable_lora=True) turn LoRA on unless enabled is
+    given."""
+    sections: dict[str, dict] = {name: {} for name in _SECTIONS}
+    top: dict = {}
+    for key, value in kwargs.items():
+        owner = next((name for name, cls in _SECTIONS.items()
+                      if key in {f.name for f in dataclasses.fields(cls)}), None)
+        (sections[owner] if owner else top)[key] = value
+    if "max_loras" in sections["lora"] or "max_lora_rank" in sections["lora"]:
+        sections["lora"].setdefault("enabled", True)
+    if top.pop("enable_lora", False):
+        sections["lora"]["enabled"] = True
+    built = {name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
+    return EngineConfig(model=model, **top, **built)

@@ -2,29 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from engine.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig
+from engine.config import make_config
 from engine.core import EngineCore
 from engine.request import LoRARequest, RequestOutput, SamplingParams
-
-_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoraConfig}
-
-
-def make_config(model: str, **kwargs) -> EngineConfig:
-    """An EngineConfig from flat keyword arguments (max_loras=4, block_size=8, ...)."""
-    sections: dict[str, dict] = {name: {} for name in _SECTIONS}
-    top: dict = {}
-    for key, value in kwargs.items():
-        owner = next((name for name, cls in _SECTIONS.items()
-                      if key in {f.name for f in dataclasses.fields(cls)}), None)
-        (sections[owner] if owner else top)[key] = value
-    if "max_loras" in sections["lora"] or "max_lora_rank" in sections["lora"]:
-        sections["lora"].setdefault("enabled", True)
-    if top.pop("enable_lora", False):
-        sections["lora"]["enabled"] = True
-    built = {name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
-    return EngineConfig(model=model, **top, **built)
 
 
 class LLM:

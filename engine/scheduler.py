@@ -21,7 +21,7 @@ from collections import deque
 
 from engine.batch import Batch, ScheduledSeq
 from engine.config import SchedulerConfig
-from engine.errors import AdapterLoadError, AdapterNotFound
+from engine.errors import EngineError
 from engine.memory import MemoryPools
 from engine.sequence import Sequence, SeqStatus
 
@@ -84,7 +84,7 @@ class Scheduler:
                     continue
                 try:
                     slot = self.lora.try_pin(seq.adapter)
-                except (AdapterLoadError, AdapterNotFound) as err:  # re-read failed: fail it
+                except EngineError as err:  # the re-read failed (typed): fail this request
                     self.waiting.remove(seq)
                     seq.error = err
                     failed.append(seq)

@@ -34,7 +34,8 @@ class LoraMeta:
     num_active: int
 
     @classmethod
-    def build(cls, token_slot: list[int], num_slots: int, device: torch.device) -> LoraMeta:
+    def build(cls, token_slot: list[int], num_slots: int,
+              device: torch.device | str) -> LoraMeta:
         """A meta in buffers of its own (tests, benchmarks); the engine fills LoraMetaBuffers."""
         return LoraMetaBuffers(len(token_slot), num_slots, device).fill(token_slot)
 
@@ -49,7 +50,8 @@ class LoraMetaBuffers:
     step).
     """
 
-    def __init__(self, max_tokens: int, num_slots: int, device: torch.device) -> None:
+    def __init__(self, max_tokens: int, num_slots: int, device: torch.device | str) -> None:
+        device = torch.device(device)
         size = num_slots + 1 + 2 * max_tokens
         self.num_slots = num_slots
         self.max_tokens = max_tokens

@@ -67,45 +67,52 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto",
+    g.add_argument("--dtype", default=Settings.dtype,
                    help="auto, float32, bfloat16 or float16 (auto: checkpoint dtype on CUDA, "
                         "float32 on CPU)")
-    g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
-    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+    g.add_argument("--device", default=Settings.device, help="auto, cuda, cuda:N or cpu")
+    g.add_argument("--load-format", default=Settings.load_format, choices=["auto", "dummy"],
                    help="dummy: random weights of the real architecture (for benchmarks)")
-    g.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"],
+    g.add_argument("--kernel-backend", default=Settings.kernel_backend,
+                   choices=["auto", "triton", "torch"],
                    help="LoRA/MoE ops: Triton kernels or their torch twins (auto: Triton on "
                         "CUDA, torch elsewhere)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="never capture CUDA graphs (by default decode steps replay graphs "
                         "captured at start-up on CUDA with the Triton kernels)")
     g.add_argument("--tokenizer", default=None, help="tokenizer path (default: MODEL)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
+    g.add_argument("--seed", type=int, default=Settings.seed, help="seed of the engine's sampler")
     g.add_argument("--max-model-len", type=_positive_int, default=None,
                    help="longest prompt + completion in tokens (default: the model's "
                         "max_position_embeddings)")
-    g.add_argument("--max-num-seqs", type=_positive_int, default=64,
-                   help="most requests running at once (default 64)")
-    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+    g.add_argument("--max-num-seqs", type=_positive_int, default=Settings.max_num_seqs,
+                   help=f"most requests running at once (default {Settings.max_num_seqs})")
+    g.add_argument("--max-num-batched-tokens", type=_positive_int,
+                   default=Settings.max_num_batched_tokens,
                    help="token budget of one engine step; longer prompts prefill in chunks")
-    g.add_argument("--block-size", type=_positive_int, default=16,
-                   help="tokens per paged KV-cache block (default 16)")
+    g.add_argument("--block-size", type=_positive_int, default=Settings.block_size,
+                   help=f"tokens per paged KV-cache block (default {Settings.block_size})")
     g.add_argument("--num-kv-blocks", type=_positive_int, default=None,
                    help="fixed number of KV blocks (default: sized from memory)")
-    g.add_argument("--kv-cache-memory-gb", type=float, default=1.0,
-                   help="KV-cache memory on CPU (default 1.0); on CUDA the cache takes what "
-                        "--gpu-memory-utilization leaves after the weights")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of GPU memory the engine may use (default 0.9)")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=Settings.kv_cache_memory_gb,
+                   help=f"KV-cache memory on CPU (default {Settings.kv_cache_memory_gb}); on "
+                        "CUDA the cache takes what --gpu-memory-utilization leaves after the "
+                        "weights")
+    g.add_argument("--gpu-memory-utilization", type=float,
+                   default=Settings.gpu_memory_utilization,
+                   help="fraction of GPU memory the engine may use "
+                        f"(default {Settings.gpu_memory_utilization})")
 
 
 def _add_lora_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA")
     g.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
-    g.add_argument("--max-loras", type=_positive_int, default=4,
-                   help="GPU adapter slots: most distinct adapters in one step (default 4)")
-    g.add_argument("--max-lora-rank", type=_positive_int, default=16,
-                   help="largest adapter rank; slot buffers are sized for it (default 16)")
+    g.add_argument("--max-loras", type=_positive_int, default=Settings.max_loras,
+                   help="GPU adapter slots: most distinct adapters in one step "
+                        f"(default {Settings.max_loras})")
+    g.add_argument("--max-lora-rank", type=_positive_int, default=Settings.max_lora_rank,
+                   help="largest adapter rank; slot buffers are sized for it "
+                        f"(default {Settings.max_lora_rank})")
     g.add_argument("--max-cpu-loras", type=_positive_int, default=None,
                    help="adapters kept in CPU memory (LRU; default: --max-loras)")
     g.add_argument("--lora-modules", nargs="+", type=_lora_module, default=[], metavar="MODULE",

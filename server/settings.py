@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig, make_config
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 API_KEY_ENV = "VLLM_API_KEY"
@@ -64,31 +64,33 @@ def env_flag(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
+    """The flags. Engine defaults are the engine's config dataclasses' (engine/config.py)."""
+
     model: str
     served_model_names: tuple[str, ...]
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
     log_level: str = "info"
-    dtype: str = "auto"
-    device: str = "auto"
-    load_format: str = "auto"
-    kernel_backend: str = "auto"
-    enforce_eager: bool = False
-    tokenizer: str | None = None
-    seed: int = 0
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory_gb: float = 1.0
-    gpu_memory_utilization: float = 0.9
-    enable_lora: bool = False
-    max_loras: int = 4
-    max_lora_rank: int = 16
-    max_cpu_loras: int | None = None
-    enable_mixed_moe_lora_format: bool = False
+    dtype: str = EngineConfig.dtype
+    device: str = EngineConfig.device
+    load_format: str = EngineConfig.load_format
+    kernel_backend: str = EngineConfig.kernel_backend
+    enforce_eager: bool = EngineConfig.enforce_eager
+    tokenizer: str | None = EngineConfig.tokenizer
+    seed: int = EngineConfig.seed
+    max_model_len: int | None = SchedulerConfig.max_model_len
+    max_num_seqs: int = SchedulerConfig.max_num_seqs
+    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
+    block_size: int = CacheConfig.block_size
+    num_kv_blocks: int | None = CacheConfig.num_blocks
+    kv_cache_memory_gb: float = CacheConfig.kv_cache_memory_gb
+    gpu_memory_utilization: float = CacheConfig.gpu_memory_utilization
+    enable_lora: bool = LoraConfig.enabled
+    max_loras: int = LoraConfig.max_loras
+    max_lora_rank: int = LoraConfig.max_lora_rank
+    max_cpu_loras: int | None = LoraConfig.max_cpu_loras
+    enable_mixed_moe_lora_format: bool = LoraConfig.enable_mixed_moe_lora_format
     lora_modules: tuple[LoraModule, ...] = ()
     allow_runtime_lora_updating: bool = False
     allowed_lora_roots: tuple[Path, ...] = ()
@@ -125,20 +127,17 @@ class Settings:
     def to_engine_config(self) -> EngineConfig:
         """The only place that knows both the flags and the engine's config types."""
         try:
-            return EngineConfig(
-                model=self.model, dtype=self.dtype, device=self.device,
+            return make_config(
+                self.model, dtype=self.dtype, device=self.device,
                 load_format=self.load_format, kernel_backend=self.kernel_backend,
                 enforce_eager=self.enforce_eager, seed=self.seed, tokenizer=self.tokenizer,
-                cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
-                                  kv_cache_memory_gb=self.kv_cache_memory_gb,
-                                  gpu_memory_utilization=self.gpu_memory_utilization),
-                scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
-                                          max_num_batched_tokens=self.max_num_batched_tokens,
-                                          max_model_len=self.max_model_len),
-                lora=LoraConfig(enabled=self.enable_lora, max_loras=self.max_loras,
-                                max_lora_rank=self.max_lora_rank,
-                                max_cpu_loras=self.max_cpu_loras,
-                                enable_mixed_moe_lora_format=self.enable_mixed_moe_lora_format),
-            )
+                block_size=self.block_size, num_blocks=self.num_kv_blocks,
+                kv_cache_memory_gb=self.kv_cache_memory_gb,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                max_model_len=self.max_model_len, enabled=self.enable_lora,
+                max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                max_cpu_loras=self.max_cpu_loras,
+                enable_mixed_moe_lora_format=self.enable_mixed_moe_lora_format)
         except ValueError as exc:
             raise SettingsError(str(exc)) from exc

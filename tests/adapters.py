@@ -1,8 +1,9 @@
 """Test adapters written to disk: real PEFT 3D adapters, hand-written 2D ones, and broken ones.
 
-Everything here reads and writes files by its own small code (FORMATS.md section 2), never
-through engine.lora, so it can serve as an oracle for the reader. Shapes: E experts, r rank,
-H hidden, I expert intermediate size. Deltas are large enough to move greedy tokens.
+Everything here reads and writes files by its own small code (docs/adapter-formats.md
+section 2), never through engine.lora, so it can serve as an oracle for the reader. Shapes:
+E experts, r rank, H hidden, I expert intermediate size. Deltas are large enough to move
+greedy tokens.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def peft_merged(hf_model, adapter_dir):
 def make_2d_adapter(hf_model, path, r: int = 4, alpha: float = 8, seed: int = 0, *,
                     target_modules=ATTENTION + MLP + MIXTRAL_MLP + GDN, experts=None,
                     megatron: bool = False, **config_fields) -> Path:
-    """Per-expert (2D) adapter in the format PEFT + transformers 4 writes (FORMATS.md 2.1).
+    """Per-expert (2D) adapter in the format PEFT + transformers 4 writes
+    (docs/adapter-formats.md 2.1).
 
     Targets every Linear and every expert projection whose last name is in target_modules
     (Mixtral experts as block_sparse_moe.experts.e.w1/w3/w2); `experts` limits which experts get
@@ -118,7 +120,7 @@ def split_3d_to_2d(src_dir, dst_dir, *, mixtral_names: bool = False) -> Path:
 def merged_reference(hf_model, adapter_dir):
     """A copy of the transformers model with every delta of the adapter folded into its weights.
 
-    Reads 2D (per-expert) and 3D (PEFT target_parameters) files itself, per FORMATS.md.
+    Reads 2D (per-expert) and 3D (PEFT target_parameters) files itself, per docs/adapter-formats.md.
     """
     config, tensors = read_adapter_files(adapter_dir)
     model = copy.deepcopy(hf_model)
@@ -141,7 +143,7 @@ def read_adapter_files(adapter_dir) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def unfold_3d(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A [E*r, in] (rows expert-major), B [out, r*E] (columns rank-major) -> a [E, r, in],
-    b [E, out, r]: FORMATS.md 2.2."""
+    b [E, out, r]: docs/adapter-formats.md 2.2."""
     num_experts = a.shape[0] // rank
     return (a.reshape(num_experts, rank, -1),
             b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1))

@@ -39,7 +39,8 @@ from engine.lora.weights import ExpertLayout, LoraAdapter, LoraWeights
 
 logger = logging.getLogger(__name__)
 
-_ONE_ORIENTATION_SINCE = (0, 19, 1)  # first PEFT release writing 3D LoRA in the FORMATS.md layout
+# the first PEFT release writing 3D LoRA in the docs/adapter-formats.md layout
+_ONE_ORIENTATION_SINCE = (0, 19, 1)
 
 
 def read_adapter(name: str, path: str, model_config: ModelConfig, max_rank: int,

@@ -9,7 +9,7 @@ import pytest
 
 from engine import LLM, Engine, SamplingParams
 from engine.errors import PromptTooLong
-from engine.llm import make_config
+from engine.config import make_config
 from tests.engine.conftest import PROMPTS
 
 

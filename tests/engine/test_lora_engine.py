@@ -11,7 +11,7 @@ import torch
 
 from engine import LLM, Engine, LoRARequest, SamplingParams
 from engine.errors import AdapterLoadError, AdapterNotFound
-from engine.llm import make_config
+from engine.config import make_config
 from tests.adapters import (make_2d_adapter, make_peft_3d_adapter, merged_reference, peft_merged,
                             split_3d_to_2d)
 from tests.engine.conftest import PROMPTS

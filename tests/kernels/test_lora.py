@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import LoraMeta, lora, reference
+from kernels import LoraMeta, LoraMetaBuffers, lora, reference
 from tests.kernels._utils import MIXES, assert_close, lora_weight, token_slots
 
 
@@ -56,14 +56,18 @@ def test_lora_delta_without_lora_launches_nothing(monkeypatch, device):
     assert meta.has_lora is False and torch.equal(y, torch.ones_like(y))
 
 
-def test_meta_groups_tokens_by_slot(device):
-    meta = LoraMeta.build([1, 1, -1, 3, 1], 4, device)
+def test_meta_groups_tokens_by_slot_in_preallocated_buffers(device):
+    buffers = LoraMetaBuffers(max_tokens=8, num_slots=4, device=device)
+    meta = buffers.fill([1, 1, -1, 3, 1])
     assert meta.token_slot.tolist() == [1, 1, -1, 3, 1]
     assert meta.sorted_tokens.tolist() == [0, 1, 4, 3, 2]
     assert meta.slot_start.tolist() == [0, 0, 3, 3, 4]
-    other = LoraMeta.build([-1, 0, 0, 2, -1], 4, device)
-    meta.copy_(other)
+    assert (meta.has_lora, meta.num_active) == (True, 2)
+    other = buffers.fill([-1, 0, 0, 2, -1])
+    # the same token count gives the same addresses (what a captured CUDA graph reads)
+    for name in ("token_slot", "sorted_tokens", "slot_start"):
+        assert getattr(other, name).data_ptr() == getattr(meta, name).data_ptr()
     assert meta.sorted_tokens.tolist() == [1, 2, 3, 0, 4]
     assert meta.slot_start.tolist() == [0, 2, 2, 3, 3]
     with pytest.raises(AssertionError):
-        LoraMeta.build([4], 4, device)
+        buffers.fill([4])
