@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.architectures import LinearAttention
-from engine.batch import ForwardContext
+from engine.model.forward import ForwardContext
 from engine.config import ModelConfig, parse_dtype
 from engine.memory.specs import StateSpec, StateTensor
 from engine.model.layers import GatedRMSNorm
