@@ -89,7 +89,7 @@ def test_paged_decode_attention_bf16_qwen3_shape(gen):
 
 
 def _isolation_case(fill: float, device, gen):
-    """Block size 4. Sequence 0 owns block 0 (the runner pads every table with block 0) and is
+    """Block size 4. Sequence 0 owns block 0 (the worker pads every table with block 0) and is
     poisoned; 1 and 2 are healthy; 3 is a padding row (length 0). Blocks 6, 8, 9 are free.
     Returns q, the clean caches, the caches with `fill` in sequence 0's blocks, in the free blocks
     and in the rows past each length, the tables and the lengths."""

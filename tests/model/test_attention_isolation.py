@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.batch import AttentionMeta
+from engine.model.forward import AttentionMeta
 from engine.model.attention import paged_attention
 from tests.poison import stale_caches
 
