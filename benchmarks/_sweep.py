@@ -10,9 +10,9 @@ from typing import Callable
 import torch
 
 from benchmarks._timing import graph_time_us
-from kernels import LoraMeta, MoeLora, lora, moe_lora
-from kernels.moe import gemm_config, moe_gemm
-from kernels.moe_align import moe_align, needs_alignment
+from loramux.kernels import LoraMeta, MoeLora, lora, moe_lora
+from loramux.kernels.moe import gemm_config, moe_gemm
+from loramux.kernels.moe_align import moe_align, needs_alignment
 
 LORA_VARIANTS = [dict(per_sm=4), dict(per_sm=2), dict(per_sm=8), dict(num_warps=8),
                  dict(num_stages=4), dict(block_n=128), dict(per_sm=8, num_warps=8)]

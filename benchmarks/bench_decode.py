@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from engine import LLM, LoRARequest, SamplingParams
-from engine.demo import write_random_adapter
+from loramux.engine import LLM, LoRARequest, SamplingParams
+from loramux.engine.demo import write_random_adapter
 
 QWEN3_30B_A3B = dict(
     architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import _sweep  # noqa: E402
 from benchmarks._sweep import random_moe_lora, segment_slots  # noqa: E402
 from benchmarks._timing import eager_time_us, graph_time_us, roofline_us  # noqa: E402
-from kernels import LoraMeta, lora, moe_lora, reference, triton_ops  # noqa: E402
-from kernels.moe import gemm_config, moe_gemm  # noqa: E402
-from kernels.moe_align import moe_align, needs_alignment  # noqa: E402
-from kernels.moe_lora import moe_lora_delta  # noqa: E402
+from loramux.kernels import LoraMeta, lora, moe_lora, reference, triton_ops  # noqa: E402
+from loramux.kernels.moe import gemm_config, moe_gemm  # noqa: E402
+from loramux.kernels.moe_align import moe_align, needs_alignment  # noqa: E402
+from loramux.kernels.moe_lora import moe_lora_delta  # noqa: E402
 
 DEVICE = "cuda"
 MOE_SHAPES = {"qwen3-30b-a3b": (2048, 128, 8, 768), "qwen3-235b-a22b": (4096, 128, 8, 1536)}

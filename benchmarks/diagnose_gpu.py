@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from engine import LLM, SamplingParams
+from loramux.engine import LLM, SamplingParams
 from tests.gpu.test_engine_gpu import PROMPTS, reference_logprobs
 from tests.tiny import ARCHS, load_reference, save_tiny_checkpoint
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.plan import SampleRow, StepPlan
-from engine.sequence import Sequence
+from loramux.engine.plan import SampleRow, StepPlan
+from loramux.engine.sequence import Sequence
 
 
 @dataclass(slots=True)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from engine.architectures import (ARCHITECTURES, LINEAR_ATTENTION, LinearAttention, layer_types,
+from loramux.engine.architectures import (ARCHITECTURES, LINEAR_ATTENTION, LinearAttention, layer_types,
                                   linear_attention, rotary_dim, text_fields)
-from engine.errors import ModelLoadError
+from loramux.engine.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 

@@ -6,21 +6,21 @@ import logging
 import random
 from pathlib import Path
 
-from engine.batch import Batch, make_plan
-from engine.config import EngineConfig, ModelConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import (AdapterLoadError, EngineOverloaded, InvalidRequest, NonFiniteOutput,
+from loramux.engine.batch import Batch, make_plan
+from loramux.engine.config import EngineConfig, ModelConfig
+from loramux.engine.detokenizer import IncrementalDetokenizer
+from loramux.engine.errors import (AdapterLoadError, EngineOverloaded, InvalidRequest, NonFiniteOutput,
                            PromptTooLong)
-from engine.lora.manager import AdapterHandle, LoraManager
-from engine.memory import MemoryPools
-from engine.outputs import RequestState
-from engine.plan import SampleResult
-from engine.request import LoRARequest, RequestOutput, SamplingParams, TokenLogprob
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SeqStatus
-from engine.stats import EngineStats
-from engine.tokenizer import eos_token_ids, load_tokenizer
-from engine.worker.worker import Worker
+from loramux.engine.lora.manager import AdapterHandle, LoraManager
+from loramux.engine.memory import MemoryPools
+from loramux.engine.outputs import RequestState
+from loramux.engine.plan import SampleResult
+from loramux.engine.request import LoRARequest, RequestOutput, SamplingParams, TokenLogprob
+from loramux.engine.scheduler import Scheduler
+from loramux.engine.sequence import Sequence, SeqStatus
+from loramux.engine.stats import EngineStats
+from loramux.engine.tokenizer import eos_token_ids, load_tokenizer
+from loramux.engine.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ import uuid
 from collections.abc import AsyncIterator
 import dataclasses
 
-from engine.config import EngineConfig
-from engine.core import EngineCore
-from engine.errors import AdapterLoadError, EngineOverloaded, EngineStopped
-from engine.request import LoRARequest, RequestOutput, SamplingParams
-from engine.stats import EngineStats
+from loramux.engine.config import EngineConfig
+from loramux.engine.core import EngineCore
+from loramux.engine.errors import AdapterLoadError, EngineOverloaded, EngineStopped
+from loramux.engine.request import LoRARequest, RequestOutput, SamplingParams
+from loramux.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 

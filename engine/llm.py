@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.config import make_config
-from engine.core import EngineCore
-from engine.request import LoRARequest, RequestOutput, SamplingParams
+from loramux.engine.config import make_config
+from loramux.engine.core import EngineCore
+from loramux.engine.request import LoRARequest, RequestOutput, SamplingParams
 
 
 class LLM:

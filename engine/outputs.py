@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from engine.request import CompletionOutput, RequestOutput
-from engine.sequence import Sequence, SeqStatus
+from loramux.engine.request import CompletionOutput, RequestOutput
+from loramux.engine.sequence import Sequence, SeqStatus
 
 
 @dataclass

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.lora.weights import LoraWeights
-from engine.request import SamplingParams, TokenLogprob
+from loramux.engine.lora.weights import LoraWeights
+from loramux.engine.request import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True, slots=True)

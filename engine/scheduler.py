@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from engine.batch import Batch, ScheduledSeq
-from engine.config import SchedulerConfig
-from engine.errors import EngineError
-from engine.memory import MemoryPools
-from engine.sequence import Sequence, SeqStatus
+from loramux.engine.batch import Batch, ScheduledSeq
+from loramux.engine.config import SchedulerConfig
+from loramux.engine.errors import EngineError
+from loramux.engine.memory import MemoryPools
+from loramux.engine.sequence import Sequence, SeqStatus
 
 logger = logging.getLogger(__name__)
 

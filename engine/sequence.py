@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.request import SamplingParams, TokenLogprob
+from loramux.engine.detokenizer import IncrementalDetokenizer
+from loramux.engine.request import SamplingParams, TokenLogprob
 
 
 class SeqStatus(enum.Enum):

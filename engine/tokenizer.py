@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from engine.config import ModelConfig
+from loramux.engine.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 

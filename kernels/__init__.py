@@ -6,8 +6,8 @@ from types import ModuleType
 
 import torch
 
-from kernels.meta import LoraMeta, LoraMetaBuffers
-from kernels.reference import MoeLora
+from loramux.kernels.meta import LoraMeta, LoraMetaBuffers
+from loramux.kernels.reference import MoeLora
 
 __all__ = ["LoraMeta", "LoraMetaBuffers", "MoeLora", "select_ops"]
 
@@ -21,11 +21,11 @@ def select_ops(device: torch.device, backend: str = "auto") -> ModuleType:
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
-        from kernels import reference
+        from loramux.kernels import reference
 
         return reference
     if backend == "triton":
-        from kernels import triton_ops
+        from loramux.kernels import triton_ops
 
         return triton_ops
     raise ValueError(f"unknown kernel backend {backend!r}; choose auto, torch or triton")

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import dot_precision, dot_width
+from loramux.kernels._utils import dot_precision, dot_width
 
 LAUNCH = dict(block_n=64, num_warps=4, num_stages=2)
 

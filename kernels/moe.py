@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import cdiv, dot_precision, dot_width
-from kernels.moe_align import MoeAlignment
+from loramux.kernels._utils import cdiv, dot_precision, dot_width
+from loramux.kernels.moe_align import MoeAlignment
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import cdiv, next_power_of_2
+from loramux.kernels._utils import cdiv, next_power_of_2
 
 
 class MoeAlignment(NamedTuple):

@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import (MAX_RANK, cdiv, dot_precision, dot_width, shrink_block_k,
+from loramux.kernels._utils import (MAX_RANK, cdiv, dot_precision, dot_width, shrink_block_k,
                             split_count)
-from kernels.moe_align import MoeAlignment
+from loramux.kernels.moe_align import MoeAlignment
 
 
 @triton.jit

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.gated_delta import causal_conv1d, gated_delta_rule
-from kernels.meta import LoraMeta
+from loramux.kernels.gated_delta import causal_conv1d, gated_delta_rule
+from loramux.kernels.meta import LoraMeta
 
 __all__ = ["MoeLora", "causal_conv1d", "fused_experts", "gated_delta_rule", "lora_delta",
            "paged_decode_attention"]

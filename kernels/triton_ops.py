@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention import paged_decode_attention
+from loramux.kernels.attention import paged_decode_attention
 # Gated DeltaNet: the torch twins on CUDA too (tensor ops only, so CUDA graphs can hold a decode
 # step); fla-core's chunked and recurrent kernels are the faster path still to come.
-from kernels.gated_delta import causal_conv1d, gated_delta_rule
-from kernels.lora import lora_delta
-from kernels.meta import LoraMeta
-from kernels.moe import gemm_config, moe_gemm
-from kernels.moe_align import moe_align, needs_alignment
-from kernels.moe_lora import moe_lora_delta
-from kernels.reference import MoeLora
+from loramux.kernels.gated_delta import causal_conv1d, gated_delta_rule
+from loramux.kernels.lora import lora_delta
+from loramux.kernels.meta import LoraMeta
+from loramux.kernels.moe import gemm_config, moe_gemm
+from loramux.kernels.moe_align import moe_align, needs_alignment
+from loramux.kernels.moe_lora import moe_lora_delta
+from loramux.kernels.reference import MoeLora
 
 __all__ = ["causal_conv1d", "fused_experts", "gated_delta_rule", "lora_delta",
            "paged_decode_attention"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from server.drain import Drain
-from server.errors import error_response
+from loramux.server.drain import Drain
+from loramux.server.errors import error_response
 
 _OPEN_WHILE_DRAINING = ("/metrics", "/version")
 _DISCARD_LIMIT = 64 << 20  # beyond this much refused body the connection is just closed

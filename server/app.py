@@ -8,17 +8,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server import __version__
-from server.admission import Admission, default_max_body_bytes
-from server.drain import Drain
-from server.errors import install_error_handlers
-from server.metrics import ServerMetrics
-from server.prompt import Prompts
-from server.redaction import PathRedactor
-from server.registry import ModelRegistry
-from server.routes import adapters, completions, health, models, responses, tokens
-from server.settings import Settings
-from server.state import ServerState
+from loramux.server import __version__
+from loramux.server.admission import Admission, default_max_body_bytes
+from loramux.server.drain import Drain
+from loramux.server.errors import install_error_handlers
+from loramux.server.metrics import ServerMetrics
+from loramux.server.prompt import Prompts
+from loramux.server.redaction import PathRedactor
+from loramux.server.registry import ModelRegistry
+from loramux.server.routes import adapters, completions, health, models, responses, tokens
+from loramux.server.settings import Settings
+from loramux.server.state import ServerState
 
 
 @asynccontextmanager

@@ -7,10 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import SUPPORTED_ARCHITECTURES
-from engine.demo import ensure_demo
-from server.launch import run
-from server.settings import (
+from loramux.engine.config import SUPPORTED_ARCHITECTURES
+from loramux.engine.demo import ensure_demo
+from loramux.server.launch import run
+from loramux.server.settings import (
     API_KEY_ENV,
     DEMO_SERVED_NAME,
     RUNTIME_LORA_ENV,

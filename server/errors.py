@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import (
+from loramux.engine.errors import (
     AdapterAlreadyExists,
     AdapterFilesChanged,
     AdapterLoadError,
@@ -24,7 +24,7 @@ from engine.errors import (
     EngineStopped,
     InvalidRequest,
 )
-from server.responses import ErrorResponse
+from loramux.server.responses import ErrorResponse
 
 logger = logging.getLogger(__name__)
 

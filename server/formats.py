@@ -11,8 +11,8 @@ from functools import partial
 
 from pydantic import BaseModel
 
-from engine.request import CompletionOutput, RequestOutput, TokenLogprob
-from server.responses import (
+from loramux.engine.request import CompletionOutput, RequestOutput, TokenLogprob
+from loramux.server.responses import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,

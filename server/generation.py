@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
-from engine.errors import EngineError, EngineStopped
-from engine.request import RequestOutput, SamplingParams
-from server.drain import Drain
-from server.errors import ClientDisconnected
-from server.metrics import RequestTimer
+from loramux.engine.errors import EngineError, EngineStopped
+from loramux.engine.request import RequestOutput, SamplingParams
+from loramux.server.drain import Drain
+from loramux.server.errors import ClientDisconnected
+from loramux.server.metrics import RequestTimer
 
 if TYPE_CHECKING:
-    from engine import Engine
+    from loramux.engine import Engine
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
-from engine import Engine
-from engine.errors import EngineError
-from server.app import create_app
-from server.drain import CUT_GRACE_S, DrainingServer
-from server.settings import Settings, SettingsError
+from loramux.engine import Engine
+from loramux.engine.errors import EngineError
+from loramux.server.app import create_app
+from loramux.server.drain import CUT_GRACE_S, DrainingServer
+from loramux.server.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from functools import partial
 
 from jinja2 import TemplateError
 
-from engine.errors import InvalidRequest, PromptTooLong
-from server.protocol import ChatMessage
+from loramux.engine.errors import InvalidRequest, PromptTooLong
+from loramux.server.protocol import ChatMessage
 
 # apply_chat_template's own arguments: request fields set these, chat_template_kwargs may not.
 _TEMPLATE_ARGS = {"conversation", "messages", "tokenize", "add_generation_prompt",

@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from engine.request import SEED_MAX, SEED_MIN, LoRARequest, SamplingParams
-from server.settings import adapter_name_problem
+from loramux.engine.request import SEED_MAX, SEED_MIN, LoRARequest, SamplingParams
+from loramux.server.settings import adapter_name_problem
 
 
 _NUMBERS = {int, float, bool, type(None)}

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from server.settings import Settings
+from loramux.server.settings import Settings
 
 
 def _spellings(path: str | Path) -> set[str]:

@@ -13,14 +13,14 @@ from dataclasses import replace
 from http import HTTPStatus
 from pathlib import Path
 
-from engine.errors import EngineError
-from engine.request import LoRARequest
-from server.errors import ApiError, model_not_found
-from server.metrics import ServerMetrics
-from server.protocol import LoadLoRAAdapterRequest
-from server.redaction import PathRedactor
-from server.responses import ModelCard
-from server.settings import LoraModule, Settings
+from loramux.engine.errors import EngineError
+from loramux.engine.request import LoRARequest
+from loramux.server.errors import ApiError, model_not_found
+from loramux.server.metrics import ServerMetrics
+from loramux.server.protocol import LoadLoRAAdapterRequest
+from loramux.server.redaction import PathRedactor
+from loramux.server.responses import ModelCard
+from loramux.server.settings import LoraModule, Settings
 
 
 class ModelRegistry:

@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from engine.request import RequestOutput, SamplingParams
-from server.formats import ChatFormatter
-from server.protocol import ChatMessage, _GenerationRequest
-from server.responses import random_id
+from loramux.engine.request import RequestOutput, SamplingParams
+from loramux.server.formats import ChatFormatter
+from loramux.server.protocol import ChatMessage, _GenerationRequest
+from loramux.server.responses import random_id
 
 _TEXT_PARTS = {"input_text", "output_text", "text"}
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}

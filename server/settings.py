@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig, make_config
+from loramux.engine.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig, make_config
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 API_KEY_ENV = "VLLM_API_KEY"

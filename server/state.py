@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
-from server.errors import ApiError
-from server.drain import Drain
-from server.metrics import ServerMetrics
-from server.prompt import Prompts
-from server.redaction import PathRedactor
-from server.registry import ModelRegistry
-from server.settings import Settings
+from loramux.server.errors import ApiError
+from loramux.server.drain import Drain
+from loramux.server.metrics import ServerMetrics
+from loramux.server.prompt import Prompts
+from loramux.server.redaction import PathRedactor
+from loramux.server.registry import ModelRegistry
+from loramux.server.settings import Settings
 
 if TYPE_CHECKING:
-    from engine import Engine
+    from loramux.engine import Engine
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ from http import HTTPStatus
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from engine.errors import EngineError
-from engine.request import RequestOutput
-from server.errors import engine_status, error_body
-from server.formats import Formatter
-from server.generation import Generation
-from server.responses_api import ResponseEvent
+from loramux.engine.errors import EngineError
+from loramux.engine.request import RequestOutput
+from loramux.server.errors import engine_status, error_body
+from loramux.server.formats import Formatter
+from loramux.server.generation import Generation
+from loramux.server.responses_api import ResponseEvent
 
 logger = logging.getLogger(__name__)
 

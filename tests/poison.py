@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.request import LoRARequest, RequestOutput, SamplingParams
+from loramux.engine.request import LoRARequest, RequestOutput, SamplingParams
 
 if TYPE_CHECKING:
-    from engine.core import EngineCore
+    from loramux.engine.core import EngineCore
 
 
 def register_poisoned(core: EngineCore, name: str, path: str, factor: float = 1e30) -> None:

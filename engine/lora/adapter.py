@@ -27,15 +27,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from engine.config import ModelConfig
-from engine.errors import AdapterLoadError
-from engine.lora.files import AdapterFiles, Fingerprint
-from engine.lora.peft_keys import (LoraHyper, LoraPair, check_expert_rows, dim_names,
+from loramux.engine.config import ModelConfig
+from loramux.engine.errors import AdapterLoadError
+from loramux.engine.lora.files import AdapterFiles, Fingerprint
+from loramux.engine.lora.peft_keys import (LoraHyper, LoraPair, check_expert_rows, dim_names,
                                    fused_orientations, pair_up, peft_version_at_least,
                                    positional_candidates, read_config, unfold_fused)
-from engine.lora.shared_a import share_gate_up_a
-from engine.lora.validate import check_adapter
-from engine.lora.weights import ExpertLayout, LoraAdapter, LoraWeights
+from loramux.engine.lora.shared_a import share_gate_up_a
+from loramux.engine.lora.validate import check_adapter
+from loramux.engine.lora.weights import ExpertLayout, LoraAdapter, LoraWeights
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.errors import AdapterFilesChanged, AdapterLoadError, AdapterNotFound, \
+from loramux.engine.errors import AdapterFilesChanged, AdapterLoadError, AdapterNotFound, \
     AdapterPathForbidden
 
 logger = logging.getLogger(__name__)

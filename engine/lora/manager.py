@@ -27,14 +27,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.config import LoraConfig, ModelConfig
-from engine.errors import AdapterAlreadyExists, AdapterNotFound
-from engine.lora.adapter import read_adapter
-from engine.lora.files import Fingerprint
-from engine.lora.weights import LoraAdapter
-from engine.memory import AdapterSlots
-from engine.plan import AdapterOp, ClearAdapter, WriteAdapter
-from engine.request import LoRARequest
+from loramux.engine.config import LoraConfig, ModelConfig
+from loramux.engine.errors import AdapterAlreadyExists, AdapterNotFound
+from loramux.engine.lora.adapter import read_adapter
+from loramux.engine.lora.files import Fingerprint
+from loramux.engine.lora.weights import LoraAdapter
+from loramux.engine.memory import AdapterSlots
+from loramux.engine.plan import AdapterOp, ClearAdapter, WriteAdapter
+from loramux.engine.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 

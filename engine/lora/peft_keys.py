@@ -23,8 +23,8 @@ from typing import Literal
 
 import torch
 
-from engine.errors import AdapterLoadError
-from engine.lora.validate import check_scale, is_number, is_rank
+from loramux.engine.errors import AdapterLoadError
+from loramux.engine.lora.validate import check_scale, is_number, is_rank
 
 logger = logging.getLogger(__name__)
 

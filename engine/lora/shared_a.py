@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.lora.weights import LoraWeights
+from loramux.engine.lora.weights import LoraWeights
 
 _GATE, _UP, _FUSED = ".experts.gate_proj", ".experts.up_proj", ".experts.gate_up_proj"
 

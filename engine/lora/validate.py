@@ -25,8 +25,8 @@ import math
 
 import torch
 
-from engine.errors import AdapterLoadError
-from engine.lora.weights import LoraWeights
+from loramux.engine.errors import AdapterLoadError
+from loramux.engine.lora.weights import LoraWeights
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from engine.lora.files import Fingerprint
+from loramux.engine.lora.files import Fingerprint
 
 ExpertLayout = Literal["2d", "3d"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.memory.id_pool import IdPool
+from loramux.engine.memory.id_pool import IdPool
 
 
 class BlockAllocator:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import CacheConfig
-from engine.errors import ModelLoadError
-from engine.memory.specs import MemorySpec, PagedKV, StateSpec
+from loramux.engine.config import CacheConfig
+from loramux.engine.errors import ModelLoadError
+from loramux.engine.memory.specs import MemorySpec, PagedKV, StateSpec
 
 logger = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ integers live here; the worker owns the device tensors these ids index.
 
 from __future__ import annotations
 
-from engine.memory.adapter_slots import AdapterSlots
-from engine.memory.id_pool import IdPool
-from engine.memory.kv_blocks import BlockAllocator
-from engine.memory.plan import MemoryPlan
-from engine.sequence import Sequence
+from loramux.engine.memory.adapter_slots import AdapterSlots
+from loramux.engine.memory.id_pool import IdPool
+from loramux.engine.memory.kv_blocks import BlockAllocator
+from loramux.engine.memory.plan import MemoryPlan
+from loramux.engine.sequence import Sequence
 
 
 class MemoryPools:

@@ -8,7 +8,7 @@
     logits = model.compute_logits(hidden[last_rows])   # [B, V] float32
 """
 
-from engine.model.decoder import MoeForCausalLM, build_model
-from engine.model.loader import load_weights
+from loramux.engine.model.decoder import MoeForCausalLM, build_model
+from loramux.engine.model.loader import load_weights
 
 __all__ = ["MoeForCausalLM", "build_model", "load_weights"]

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.model.forward import AttentionMeta, ForwardContext
-from engine.config import ModelConfig
-from engine.memory.specs import PagedKV
-from engine.model.layers import RMSNorm, apply_rope
-from engine.model.lora_linear import LoraLinear
+from loramux.engine.model.forward import AttentionMeta, ForwardContext
+from loramux.engine.config import ModelConfig
+from loramux.engine.memory.specs import PagedKV
+from loramux.engine.model.layers import RMSNorm, apply_rope
+from loramux.engine.model.lora_linear import LoraLinear
 
 logger = logging.getLogger(__name__)
 

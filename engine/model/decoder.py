@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.forward import ForwardContext
-from engine.config import ModelConfig
-from engine.lora.weights import LoraWeights
-from engine.memory.specs import MemoryModule
-from engine.model.attention import Attention
-from engine.model.gdn import GatedDeltaNet
-from engine.model.layers import GatedMlp, RMSNorm, RotaryEmbedding
-from engine.model.lora_linear import LoraLinear
-from engine.model.moe import MoeExperts, SparseMoe
+from loramux.engine.model.forward import ForwardContext
+from loramux.engine.config import ModelConfig
+from loramux.engine.lora.weights import LoraWeights
+from loramux.engine.memory.specs import MemoryModule
+from loramux.engine.model.attention import Attention
+from loramux.engine.model.gdn import GatedDeltaNet
+from loramux.engine.model.layers import GatedMlp, RMSNorm, RotaryEmbedding
+from loramux.engine.model.lora_linear import LoraLinear
+from loramux.engine.model.moe import MoeExperts, SparseMoe
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import LoraMeta
+from loramux.kernels import LoraMeta
 
 
 @dataclass(slots=True)

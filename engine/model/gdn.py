@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.architectures import LinearAttention
-from engine.model.forward import ForwardContext
-from engine.config import ModelConfig, parse_dtype
-from engine.memory.specs import StateSpec, StateTensor
-from engine.model.layers import GatedRMSNorm
-from engine.model.lora_linear import LoraLinear, empty_param
-from kernels import LoraMeta
+from loramux.engine.architectures import LinearAttention
+from loramux.engine.model.forward import ForwardContext
+from loramux.engine.config import ModelConfig, parse_dtype
+from loramux.engine.memory.specs import StateSpec, StateTensor
+from loramux.engine.model.layers import GatedRMSNorm
+from loramux.engine.model.lora_linear import LoraLinear, empty_param
+from loramux.kernels import LoraMeta
 
 logger = logging.getLogger(__name__)
 

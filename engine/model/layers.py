@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.lora_linear import LoraLinear, empty_param
-from kernels import LoraMeta
+from loramux.engine.model.lora_linear import LoraLinear, empty_param
+from loramux.kernels import LoraMeta
 
 logger = logging.getLogger(__name__)
 

@@ -34,13 +34,13 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from engine.architectures import ARCHITECTURES
-from engine.config import ModelConfig
-from engine.errors import ModelLoadError
-from engine.model.decoder import MoeForCausalLM
-from engine.model.layers import RMSNorm
-from engine.model.lora_linear import LoraLinear
-from engine.model.moe import MoeExperts
+from loramux.engine.architectures import ARCHITECTURES
+from loramux.engine.config import ModelConfig
+from loramux.engine.errors import ModelLoadError
+from loramux.engine.model.decoder import MoeForCausalLM
+from loramux.engine.model.layers import RMSNorm
+from loramux.engine.model.lora_linear import LoraLinear
+from loramux.engine.model.moe import MoeExperts
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.lora.weights import LoraWeights
-from kernels import LoraMeta
+from loramux.engine.lora.weights import LoraWeights
+from loramux.kernels import LoraMeta
 
 logger = logging.getLogger(__name__)
 

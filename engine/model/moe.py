@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig
-from engine.lora.weights import LoraWeights
-from engine.model.layers import GatedMlp
-from engine.model.lora_linear import check_rank, copy_into, empty_param
-from kernels import LoraMeta, MoeLora
+from loramux.engine.config import ModelConfig
+from loramux.engine.lora.weights import LoraWeights
+from loramux.engine.model.layers import GatedMlp
+from loramux.engine.model.lora_linear import check_rank, copy_into, empty_param
+from loramux.kernels import LoraMeta, MoeLora
 
 logger = logging.getLogger(__name__)
 

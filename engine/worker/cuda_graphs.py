@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.plan import StepPlan
+from loramux.engine.plan import StepPlan
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.memory import MemoryPlan
-from engine.model.forward import AttentionMeta, ForwardContext, StateMeta
-from engine.plan import StepPlan
-from kernels import LoraMetaBuffers
+from loramux.engine.memory import MemoryPlan
+from loramux.engine.model.forward import AttentionMeta, ForwardContext, StateMeta
+from loramux.engine.plan import StepPlan
+from loramux.kernels import LoraMetaBuffers
 
 
 class StepInputs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.memory import MemoryModule, MemoryPlan, PagedKV
+from loramux.engine.memory import MemoryModule, MemoryPlan, PagedKV
 
 
 def allocate_memory(modules: list[MemoryModule], plan: MemoryPlan,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.plan import SampleResult
-from engine.request import SamplingParams, TokenLogprob
+from loramux.engine.plan import SampleResult
+from loramux.engine.request import SamplingParams, TokenLogprob
 
 
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

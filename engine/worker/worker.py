@@ -15,16 +15,16 @@ import time
 
 import torch
 
-from engine.config import EngineConfig, ModelConfig, parse_dtype
-from engine.memory import MemoryPlan, device_budget, plan_memory
-from engine.model import build_model, load_weights
-from engine.model.forward import ForwardContext
-from engine.plan import AdapterOp, SampleResult, SampleRow, StepPlan, WriteAdapter
-from engine.worker.cuda_graphs import DecodeGraphs
-from engine.worker.inputs import StepInputs
-from engine.worker.memory import allocate_memory
-from engine.worker.sampler import Sampler
-from kernels import select_ops
+from loramux.engine.config import EngineConfig, ModelConfig, parse_dtype
+from loramux.engine.memory import MemoryPlan, device_budget, plan_memory
+from loramux.engine.model import build_model, load_weights
+from loramux.engine.model.forward import ForwardContext
+from loramux.engine.plan import AdapterOp, SampleResult, SampleRow, StepPlan, WriteAdapter
+from loramux.engine.worker.cuda_graphs import DecodeGraphs
+from loramux.engine.worker.inputs import StepInputs
+from loramux.engine.worker.memory import allocate_memory
+from loramux.engine.worker.sampler import Sampler
+from loramux.kernels import select_ops
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from http import HTTPStatus as S
 from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 
-from server.errors import documented
-from server.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
-from server.state import State, require_api_key
+from loramux.server.errors import documented
+from loramux.server.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+from loramux.server.state import State, require_api_key
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=documented(
     S.BAD_REQUEST, S.UNAUTHORIZED, S.NOT_FOUND, S.REQUEST_ENTITY_TOO_LARGE,

@@ -11,18 +11,18 @@ from http import HTTPStatus as S
 
 from fastapi import APIRouter, Depends, Request
 
-from server.errors import documented
-from server.formats import ChatFormatter, CompletionFormatter, Formatter, usage_of
-from server.generation import Generation, final_all, start_all
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.responses import (
+from loramux.server.errors import documented
+from loramux.server.formats import ChatFormatter, CompletionFormatter, Formatter, usage_of
+from loramux.server.generation import Generation, final_all, start_all
+from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
+from loramux.server.responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionResponse,
     random_id,
 )
-from server.state import ServerState, State, require_api_key
-from server.streaming import event_stream, sse_response
+from loramux.server.state import ServerState, State, require_api_key
+from loramux.server.streaming import event_stream, sse_response
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=documented(
     S.BAD_REQUEST, S.UNAUTHORIZED, S.NOT_FOUND, S.CONFLICT, S.REQUEST_ENTITY_TOO_LARGE,

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server import __version__
-from server.errors import ApiError, documented
-from server.state import State
+from loramux.server import __version__
+from loramux.server.errors import ApiError, documented
+from loramux.server.state import State
 
 router = APIRouter()
 

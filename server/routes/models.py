@@ -6,9 +6,9 @@ from http import HTTPStatus as S
 
 from fastapi import APIRouter, Depends
 
-from server.errors import documented
-from server.responses import ModelList
-from server.state import State, require_api_key
+from loramux.server.errors import documented
+from loramux.server.responses import ModelList
+from loramux.server.state import State, require_api_key
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)],
                    responses=documented(S.UNAUTHORIZED, S.SERVICE_UNAVAILABLE))

@@ -6,11 +6,11 @@ from http import HTTPStatus as S
 
 from fastapi import APIRouter, Depends, Request
 
-from server.errors import documented
-from server.generation import Generation
-from server.responses_api import ResponseEvent, ResponsesFormatter, ResponsesRequest
-from server.state import State, require_api_key
-from server.streaming import event_stream, sse_response
+from loramux.server.errors import documented
+from loramux.server.generation import Generation
+from loramux.server.responses_api import ResponseEvent, ResponsesFormatter, ResponsesRequest
+from loramux.server.state import State, require_api_key
+from loramux.server.streaming import event_stream, sse_response
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=documented(
     S.BAD_REQUEST, S.UNAUTHORIZED, S.NOT_FOUND, S.CONFLICT, S.REQUEST_ENTITY_TOO_LARGE,

@@ -15,11 +15,11 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from server.errors import documented
-from server.prompt import chat_prompt_ids, check_token_ids
-from server.protocol import ChatMessage, _Body
-from server.routes.health import health
-from server.state import ServerState, State, require_api_key
+from loramux.server.errors import documented
+from loramux.server.prompt import chat_prompt_ids, check_token_ids
+from loramux.server.protocol import ChatMessage, _Body
+from loramux.server.routes.health import health
+from loramux.server.state import ServerState, State, require_api_key
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=documented(
     S.BAD_REQUEST, S.UNAUTHORIZED, S.NOT_FOUND, S.REQUEST_ENTITY_TOO_LARGE,

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from engine import LLM, Engine, SamplingParams
-from engine.errors import PromptTooLong
-from engine.config import make_config
+from loramux.engine import LLM, Engine, SamplingParams
+from loramux.engine.errors import PromptTooLong
+from loramux.engine.config import make_config
 from tests.engine.conftest import PROMPTS
 
 

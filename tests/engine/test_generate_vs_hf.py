@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from loramux.engine import LLM, SamplingParams
 from tests.engine.conftest import ARCHS, PROMPTS
 from tests.tiny import load_reference
 

@@ -5,9 +5,9 @@ buffers must give the greedy tokens of ordinary steps."""
 
 from __future__ import annotations
 
-from engine import LLM, LoRARequest, SamplingParams
-from engine.worker import worker as worker_module
-from engine.worker.cuda_graphs import DecodeGraphs, batch_buckets
+from loramux.engine import LLM, LoRARequest, SamplingParams
+from loramux.engine.worker import worker as worker_module
+from loramux.engine.worker.cuda_graphs import DecodeGraphs, batch_buckets
 from tests.adapters import make_2d_adapter
 from tests.tiny import load_reference
 

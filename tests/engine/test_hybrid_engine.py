@@ -11,7 +11,7 @@ import importlib.util
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from loramux.engine import LLM, SamplingParams
 from tests.engine.conftest import PROMPTS
 from tests.tiny import HYBRID_ARCHS, load_reference
 

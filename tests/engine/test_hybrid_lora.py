@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, LoRARequest, SamplingParams
-from engine.lora.adapter import read_adapter
-from engine.config import ModelConfig
+from loramux.engine import LLM, LoRARequest, SamplingParams
+from loramux.engine.lora.adapter import read_adapter
+from loramux.engine.config import ModelConfig
 from tests.adapters import (ATTENTION, GDN, MLP, make_2d_adapter, make_peft_3d_adapter,
                             merged_reference, peft_merged)
 from tests.engine.conftest import PROMPTS

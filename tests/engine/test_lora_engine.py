@@ -9,9 +9,9 @@ import asyncio
 import pytest
 import torch
 
-from engine import LLM, Engine, LoRARequest, SamplingParams
-from engine.errors import AdapterLoadError, AdapterNotFound
-from engine.config import make_config
+from loramux.engine import LLM, Engine, LoRARequest, SamplingParams
+from loramux.engine.errors import AdapterLoadError, AdapterNotFound
+from loramux.engine.config import make_config
 from tests.adapters import (make_2d_adapter, make_peft_3d_adapter, merged_reference, peft_merged,
                             split_3d_to_2d)
 from tests.engine.conftest import PROMPTS

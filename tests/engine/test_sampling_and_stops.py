@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.demo import ensure_demo
-from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import InvalidRequest, PromptTooLong
+from loramux.engine import LLM, SamplingParams
+from loramux.engine.demo import ensure_demo
+from loramux.engine.detokenizer import IncrementalDetokenizer
+from loramux.engine.errors import InvalidRequest, PromptTooLong
 from tests.engine.conftest import PROMPTS
 
 

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.config import SchedulerConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.memory import AdapterSlots, BlockAllocator, MemoryPlan, MemoryPools
-from engine.request import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SeqStatus
+from loramux.engine.config import SchedulerConfig
+from loramux.engine.detokenizer import IncrementalDetokenizer
+from loramux.engine.memory import AdapterSlots, BlockAllocator, MemoryPlan, MemoryPools
+from loramux.engine.request import SamplingParams
+from loramux.engine.scheduler import Scheduler
+from loramux.engine.sequence import Sequence, SeqStatus
 
 
 @dataclass(frozen=True)

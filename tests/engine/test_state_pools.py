@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from engine import LLM, SamplingParams
-from engine.worker import worker as worker_module
-from engine.config import CacheConfig, SchedulerConfig
-from engine.memory import MemoryPlan, MemoryPools, PagedKV, StateSpec, StateTensor, plan_memory
-from engine.scheduler import Scheduler
-from engine.sequence import SeqStatus
-from engine.worker.memory import allocate_memory
+from loramux.engine import LLM, SamplingParams
+from loramux.engine.worker import worker as worker_module
+from loramux.engine.config import CacheConfig, SchedulerConfig
+from loramux.engine.memory import MemoryPlan, MemoryPools, PagedKV, StateSpec, StateTensor, plan_memory
+from loramux.engine.scheduler import Scheduler
+from loramux.engine.sequence import SeqStatus
+from loramux.engine.worker.memory import allocate_memory
 from tests.engine.conftest import PROMPTS
 from tests.engine.test_scheduler import seq
 

@@ -13,9 +13,9 @@ import pickle
 
 import pytest
 
-from engine import LLM, LoRARequest, SamplingParams
-from engine.plan import WriteAdapter
-from engine.worker.worker import Worker
+from loramux.engine import LLM, LoRARequest, SamplingParams
+from loramux.engine.plan import WriteAdapter
+from loramux.engine.worker.worker import Worker
 from tests.adapters import make_2d_adapter, make_peft_3d_adapter
 from tests.engine.conftest import PROMPTS
 from tests.tiny import load_reference

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, LoRARequest, SamplingParams
+from loramux.engine import LLM, LoRARequest, SamplingParams
 from tests.adapters import make_2d_adapter, make_peft_3d_adapter
 from tests.tiny import load_reference, save_tiny_checkpoint
 

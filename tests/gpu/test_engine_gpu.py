@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, LoRARequest, SamplingParams
+from loramux.engine import LLM, LoRARequest, SamplingParams
 from tests.adapters import make_2d_adapter, make_peft_3d_adapter, merged_reference
 from tests.tiny import ARCHS, HYBRID_ARCHS, load_reference, save_tiny_checkpoint
 

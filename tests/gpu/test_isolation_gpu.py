@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LoRARequest, SamplingParams
-from engine.core import EngineCore
-from engine.errors import NonFiniteOutput
-from engine.llm import make_config
+from loramux.engine import LoRARequest, SamplingParams
+from loramux.engine.core import EngineCore
+from loramux.engine.errors import NonFiniteOutput
+from loramux.engine.llm import make_config
 from tests.adapters import make_2d_adapter
 from tests.poison import register_poisoned, run
 from tests.tiny import load_reference, save_tiny_checkpoint

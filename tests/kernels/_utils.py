@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import MoeLora
+from loramux.kernels import MoeLora
 
 # dtype -> largest allowed ||out - ref|| / ||ref||; on a GPU fp32 dots run in tf32 (seen on an
 # H100: up to 3.8e-3 through the LoRA chain), the interpreter computes them in fp32

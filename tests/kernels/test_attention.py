@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import attention, reference
+from loramux.kernels import attention, reference
 from tests.kernels._utils import assert_close, rel_err
 from tests.poison import stale_caches
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import LoraMeta, LoraMetaBuffers, MoeLora, reference, triton_ops
+from loramux.kernels import LoraMeta, LoraMetaBuffers, MoeLora, reference, triton_ops
 from tests.kernels._utils import rel_err, token_slots
 
 pytestmark = [pytest.mark.gpu,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import LoraMeta, LoraMetaBuffers, lora, reference
+from loramux.kernels import LoraMeta, LoraMetaBuffers, lora, reference
 from tests.kernels._utils import MIXES, assert_close, lora_weight, token_slots
 
 

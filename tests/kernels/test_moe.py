@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import LoraMeta, moe_lora, reference, triton_ops
+from loramux.kernels import LoraMeta, moe_lora, reference, triton_ops
 from tests.kernels._utils import (
     MIXES,
     assert_close,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.moe_align import moe_align
+from loramux.kernels.moe_align import moe_align
 from tests.kernels._utils import routing
 
 

@@ -8,8 +8,8 @@ from functools import lru_cache
 
 import torch
 
-from engine.config import ModelConfig
-from engine.lora.weights import LoraAdapter
+from loramux.engine.config import ModelConfig
+from loramux.engine.lora.weights import LoraAdapter
 from tests.tiny import tiny_model
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.errors import AdapterLoadError, AdapterNotFound
-from engine.lora.adapter import read_adapter
+from loramux.engine.errors import AdapterLoadError, AdapterNotFound
+from loramux.engine.lora.adapter import read_adapter
 from tests.adapters import make_2d_adapter, make_peft_3d_adapter, write_transposed_vintage
 from tests.bad_adapters import BAD_KINDS, write_bad_adapter
 from tests.lora.helpers import tiny

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.errors import AdapterFilesChanged, AdapterLoadError, AdapterPathForbidden
-from engine.lora.adapter import read_adapter
+from loramux.engine.errors import AdapterFilesChanged, AdapterLoadError, AdapterPathForbidden
+from loramux.engine.lora.adapter import read_adapter
 from tests.adapters import make_2d_adapter, save_as_bin
 from tests.lora.helpers import tiny
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.lora.adapter import read_adapter
+from loramux.engine.lora.adapter import read_adapter
 from tests.adapters import (ATTENTION, MLP, make_2d_adapter, make_peft_3d_adapter,
                             merged_reference, peft_merged, save_as_bin, split_3d_to_2d,
                             write_transposed_vintage)

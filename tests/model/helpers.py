@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from engine.config import ModelConfig
-from engine.memory import MemoryPlan
-from engine.model import MoeForCausalLM, build_model, load_weights
-from engine.plan import StepPlan
-from engine.worker.inputs import StepInputs
-from engine.worker.memory import allocate_memory
+from loramux import kernels
+from loramux.engine.config import ModelConfig
+from loramux.engine.memory import MemoryPlan
+from loramux.engine.model import MoeForCausalLM, build_model, load_weights
+from loramux.engine.plan import StepPlan
+from loramux.engine.worker.inputs import StepInputs
+from loramux.engine.worker.memory import allocate_memory
 
 
 def load_model(path: Path, max_loras: int = 0, max_lora_rank: int = 0,

@@ -7,8 +7,8 @@ import copy
 
 import pytest
 
-from engine.config import ModelConfig
-from engine.errors import ModelLoadError
+from loramux.engine.config import ModelConfig
+from loramux.engine.errors import ModelLoadError
 from tests.tiny import tiny_config
 
 L, F = "linear_attention", "full_attention"

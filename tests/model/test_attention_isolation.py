@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.model.forward import AttentionMeta
-from engine.model.attention import paged_attention
+from loramux.engine.model.forward import AttentionMeta
+from loramux.engine.model.attention import paged_attention
 from tests.poison import stale_caches
 
 

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as hf35
 
-from engine.model.layers import GatedRMSNorm, RMSNorm
+from loramux.engine.model.layers import GatedRMSNorm, RMSNorm
 from tests.model.helpers import PagedSession, load_model, reference_logits
 from tests.tiny import load_reference, save_tiny_checkpoint
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.errors import ModelLoadError
+from loramux.engine.errors import ModelLoadError
 from tests.model.helpers import load_model
 from tests.tiny import save_tiny_checkpoint
 
@@ -75,7 +75,7 @@ def test_mtp_and_vision_tensors_are_skipped_with_one_line_each(tmp_path, caplog)
         return {**tensors, **extra, "mtp.fc.weight": torch.zeros(64, 128)}
 
     with_mtp = _rewrite(fused, tmp_path / "mtp", add_mtp)
-    with caplog.at_level(logging.INFO, logger="engine.model.loader"):
+    with caplog.at_level(logging.INFO, logger="loramux.engine.model.loader"):
         params, layout = load_model(with_mtp)
     assert layout == "3d"
     _assert_same({n: p.detach() for n, p in params.named_parameters()}, _params(fused))

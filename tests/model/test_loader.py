@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import kernels
-from engine.config import ModelConfig
-from engine.errors import ModelLoadError
-from engine.model import build_model, load_weights
+from loramux import kernels
+from loramux.engine.config import ModelConfig
+from loramux.engine.errors import ModelLoadError
+from loramux.engine.model import build_model, load_weights
 from tests.model.helpers import PagedSession, load_model, reference_logits
 from tests.tiny import load_reference, tiny_model
 

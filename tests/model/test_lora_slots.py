@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.lora.weights import LoraWeights
+from loramux.engine.config import ModelConfig
+from loramux.engine.lora.weights import LoraWeights
 from tests.model.helpers import PagedSession, load_model, reference_logits
 from tests.tiny import ARCHS, load_reference
 

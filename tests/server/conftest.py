@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from engine.demo import DEMO_VERSION, ensure_demo
+from loramux.engine.demo import DEMO_VERSION, ensure_demo
 
 API_KEY = "test-key-0123456789"
 STARTUP_TIMEOUT_S = 180

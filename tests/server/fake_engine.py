@@ -3,8 +3,8 @@ refuse work (503), crash on a bug (500), or fail in the middle of a stream."""
 
 from __future__ import annotations
 
-from engine import EngineStats, RequestOutput
-from engine.request import CompletionOutput, TokenLogprob
+from loramux.engine import EngineStats, RequestOutput
+from loramux.engine.request import CompletionOutput, TokenLogprob
 
 
 class FakeEngine:

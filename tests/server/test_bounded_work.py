@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from server.admission import default_max_body_bytes
+from loramux.server.admission import default_max_body_bytes
 
 MAX_MODEL_LEN = 2048  # the demo's
 HUGE = "the model " * 1_000_000  # 10 MB

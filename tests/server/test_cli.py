@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from engine.config import SUPPORTED_ARCHITECTURES
-from server.cli import build_parser, main, settings_from_args
-from server.settings import LoraModule, SettingsError, parse_lora_module
+from loramux.engine.config import SUPPORTED_ARCHITECTURES
+from loramux.server.cli import build_parser, main, settings_from_args
+from loramux.server.settings import LoraModule, SettingsError, parse_lora_module
 from tests.bad_adapters import write_bad_adapter
 from tests.server.conftest import run_cli
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -76,7 +77,20 @@ def test_dockerfile_installs_like_the_makefile():
     assert re.search(r"pip install -q -c constraints\.txt (\$\{TORCH_INDEX_URL[^}]*\} )?"
                      + re.escape(torch_pin), text)
     assert "pip install -q -c constraints.txt ." in text
-    packages = re.search(r"^packages = \[(.*)\]", (ROOT / "pyproject.toml").read_text(),
-                         re.M).group(1)
-    for top in {p.strip(' "').split(".")[0] for p in packages.split(",")}:
-        assert f"COPY {top} ./{top}" in text, top
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for folder in set(pyproject["tool"]["setuptools"]["package-dir"].values()):
+        assert f"COPY {folder} ./{folder}" in text, folder
+    for name in pyproject["project"]["license-files"]:  # setuptools refuses a missing one
+        assert re.search(rf"^COPY [^\n]*\b{name}\b", text, re.M), name
+
+
+def test_the_wheel_lists_every_package():
+    """A non-editable install (the Dockerfile's) holds only the listed packages: a folder with
+    an __init__.py that the list misses is absent from the image."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for name, folder in setuptools["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((name, *parts)))
+    assert found == set(setuptools["packages"])

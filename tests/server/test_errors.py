@@ -9,11 +9,11 @@ import pytest
 import transformers
 from fastapi.testclient import TestClient
 
-from engine.errors import EngineOverloaded, EngineStopped
-from server.app import create_app
-from server.errors import ClientDisconnected
-from server.generation import until_disconnect
-from server.settings import Settings
+from loramux.engine.errors import EngineOverloaded, EngineStopped
+from loramux.server.app import create_app
+from loramux.server.errors import ClientDisconnected
+from loramux.server.generation import until_disconnect
+from loramux.server.settings import Settings
 from tests.server.fake_engine import FakeEngine
 
 BODY = {"model": "fake", "prompt": "the model", "max_tokens": 3}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server.cli import build_parser, settings_from_args
-from server.settings import SettingsError
+from loramux.server.cli import build_parser, settings_from_args
+from loramux.server.settings import SettingsError
 from tests.server.test_adapters import hand_2d, load, unload  # noqa: F401 (fixture)
 from tests.server.test_metrics import scrape
 

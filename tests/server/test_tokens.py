@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from engine.errors import InvalidRequest
-from server.prompt import chat_prompt_ids
-from server.protocol import ChatMessage
+from loramux.engine.errors import InvalidRequest
+from loramux.server.prompt import chat_prompt_ids
+from loramux.server.protocol import ChatMessage
 
 MESSAGES = [{"role": "user", "content": "hello world, what is the model"}]
 
