@@ -161,7 +161,8 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return an event for every request it changed."""
         if self.lora is not None:
-            self.lora.release_stale()
+            self.lora.release_stale({seq.adapter.key for seq in self.scheduler.waiting
+                                     if seq.adapter is not None})
         batch, failed = self.scheduler.schedule()
         touched = {seq.request_id for seq in failed}
         for seq in failed:

@@ -162,7 +162,7 @@ class LoraManager:
             return None
         taken = self.slots.take()
         if taken is None:
-            self._blocked.add(handle.key)
+            self._blocked.add(handle.key)  # keeps its read (in _loading) until a slot frees
             return None
         slot, evicted = taken
         if evicted is not None:
@@ -172,6 +172,7 @@ class LoraManager:
         self.slots.assign(slot, handle.key)
         self.slots.pin(slot)
         self._blocked.discard(handle.key)
+        self._loading.pop(handle.key, None)
         self.loads_total += 1
         return slot
 
@@ -179,7 +180,12 @@ class LoraManager:
         return handle.key in self._blocked
 
     def _fetch(self, handle: AdapterHandle) -> LoraAdapter | None:
-        """Start or finish a background re-read of an adapter that left the CPU cache."""
+        """Start or finish a background re-read of an adapter that left the CPU cache.
+
+        A finished read stays in _loading until a slot takes it: a registration that was
+        unloaded or replaced while its requests wait is not cached, and throwing its read away
+        when no slot is free would make those requests read again, and lose their turn, forever.
+        """
         future = self._loading.get(handle.key)
         if future is None:
             self._loading[handle.key] = self._reader.submit(self.read, handle.request,
@@ -188,24 +194,28 @@ class LoraManager:
             return None
         if not future.done():
             return None
-        del self._loading[handle.key]
-        adapter = future.result()  # raises the read error: the scheduler fails the request
+        if future.exception() is not None:
+            del self._loading[handle.key]  # the next request of it reads again
+            raise future.exception()  # typed: the scheduler fails this request
+        adapter = future.result()
         with self._lock:
-            if self._registry.get(handle.name) == handle:
+            if self._registry.get(handle.name) == handle and handle.key not in self._cpu:
                 self._cache_put(handle.key, adapter)
         return adapter
 
-    def release_stale(self) -> None:
-        """Free idle slots of unloaded and replaced registrations (called every step)."""
+    def release_stale(self, waiting: set[int]) -> None:
+        """Free idle slots and finished reads of registrations that were unloaded or replaced,
+        unless a waiting request still holds that registration (its key is in `waiting`).
+        Called every step."""
         with self._lock:
-            live = {h.key for h in self._registry.values()}
+            keep = {h.key for h in self._registry.values()} | waiting
         for slot in self.slots.idle_slots():
-            if self.slots.key_of[slot] not in live:
+            if self.slots.key_of[slot] not in keep:
                 self.slots.release(slot)
                 self._ops.append(ClearAdapter(slot))
-        for key in [k for k, future in self._loading.items() if k not in live and future.done()]:
-            del self._loading[key]  # a waiting request of that registration reads it again
-        self._blocked &= live
+        for key in [k for k, future in self._loading.items() if k not in keep and future.done()]:
+            del self._loading[key]
+        self._blocked &= keep
 
     def take_ops(self) -> list[AdapterOp]:
         """The slot writes and clears decided since the last call, for Worker.apply."""

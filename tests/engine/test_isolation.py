@@ -4,7 +4,9 @@ The poisoned adapter (tests/poison.py) passes validation only because the test s
 reading; its requests write NaN into their KV blocks (over several chunked-prefill steps while
 the others decode), and those blocks are freed uncleared and handed to the next requests. Base
 and healthy-adapter answers must equal their references in the same batches and afterwards; the
-poisoned requests end with a NonFiniteOutput error and the engine goes on.
+poisoned requests end with a NonFiniteOutput error and the engine goes on. On a hybrid model
+(Qwen3.5-MoE) the poisoned requests also leave NaN in the recurrent and conv state slots that
+the next sequences are given.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ KW = dict(max_loras=2, max_lora_rank=8, block_size=4, num_blocks=64, max_num_bat
 LONG = list(range(50, 90))  # a poisoned prompt prefilled in chunks over three steps
 
 
-@pytest.fixture(scope="module")
-def setup(checkpoint, tmp_path_factory):
-    path = checkpoint("qwen3_moe")
+@pytest.fixture(scope="module", params=["qwen3_moe", "qwen3_5_moe"])
+def setup(request, checkpoint, tmp_path_factory):
+    path = checkpoint(request.param)
     good = make_2d_adapter(load_reference(path), tmp_path_factory.mktemp("iso") / "good", seed=2)
     ref = LLM(path, **KW)
     want = {(kind, i): out.outputs[0].token_ids for kind, lora in
@@ -59,3 +61,4 @@ def test_poisoned_adapter_changes_no_other_answer_concurrently_or_afterwards(set
                 assert out.error is None, (rid, out.error)
                 assert out.outputs[0].token_ids == want[kind, int(i)], rid
     assert core.pools.blocks.num_free == core.pools.blocks.num_blocks
+    assert all(pool.num_free == pool.size for pool in core.pools.states.values())

@@ -200,3 +200,30 @@ def test_unload_then_load_under_the_same_name_serves_the_new_weights(served):
     got, ids = asyncio.run(main())
     assert all(out[: len(expected[kind])] == expected[kind] for kind, out in got), got
     assert len(ids) == 3 and engine.list_loras() == [] and engine.is_alive
+
+
+def test_a_waiting_request_of_an_unloaded_adapter_keeps_its_read(setups):
+    """A request whose adapter is unloaded while it waits for a slot still runs with the weights
+    it was admitted for, reading them from disk once: with the only slot pinned by a long
+    request, the finished read must wait for the slot instead of being dropped and read again
+    each step (which starved such requests under load/unload churn)."""
+    path, adapters, _ = setups("qwen3_moe")
+    kwargs = dict(max_loras=1, max_cpu_loras=1, max_lora_rank=8,
+                  enable_mixed_moe_lora_format=True)
+    want = tokens(LLM(path, **kwargs), lora("x", adapters["2d"]), [PROMPTS[1]])[0]
+    core = LLM(path, **kwargs).core
+    core.resolve_lora(lora("y", adapters["3d"]))
+    core.resolve_lora(lora("x", adapters["2d"]))  # the CPU cache holds one: y is on disk only
+    core.add_request("long", PROMPTS[0], SamplingParams(temperature=0, max_tokens=40,
+                                                        ignore_eos=True), "y")
+    while not any(s.adapter_slot >= 0 for s in core.scheduler.running):
+        core.step()  # y read back from disk and pinned in the only slot
+    core.step()  # y in the CPU cache now, x out of it
+    core.add_request("x", PROMPTS[1], GREEDY, "x")
+    core.lora.unregister("x")
+    reads = core.lora.disk_reads_total
+    done = {}
+    while core.has_work():
+        done.update({o.request_id: o for o in core.step() if o.finished})
+    assert done["x"].error is None and done["x"].outputs[0].token_ids == want
+    assert core.lora.disk_reads_total == reads + 1
