@@ -58,7 +58,8 @@ def create_app(engine, settings: Settings) -> FastAPI:
     app.state.server = ServerState(engine=engine, settings=settings,
                                    models=ModelRegistry(engine, settings, metrics, redactor),
                                    metrics=metrics, redactor=redactor,
-                                   prompts=Prompts(engine.tokenizer, engine.max_model_len),
+                                   prompts=Prompts(engine.tokenizer, engine.max_model_len,
+                                                   settings.chat_template_text),
                                    drain=drain)
     app.add_middleware(Admission, drain=drain, max_body_bytes=settings.max_request_body_bytes
                        or default_max_body_bytes(engine.max_model_len))

@@ -1,14 +1,21 @@
-"""`loramux serve [MODEL]`: vLLM's flag names, parsed into Settings."""
+"""`loramux serve [MODEL]`: vLLM's flag names, parsed into Settings.
+
+A vLLM command line (`vllm serve MODEL ...` with `loramux` for `vllm`) starts unchanged: vLLM's
+spellings of loramux's flags are read here, vLLM's other flags are judged in
+server/vllm_flags.py (accepted quietly, with a warning, or refused with one line).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 from loramux.engine.config import SUPPORTED_ARCHITECTURES
 from loramux.engine.demo import ensure_demo
+from loramux.server.generation_defaults import GenerationConfigError, parse_override
 from loramux.server.launch import run
 from loramux.server.settings import (
     API_KEY_ENV,
@@ -19,6 +26,12 @@ from loramux.server.settings import (
     SettingsError,
     env_flag,
     parse_lora_module,
+)
+from loramux.server.vllm_flags import (
+    FlagRefused,
+    add_compat_flags,
+    judge_compat_flags,
+    vllm_spellings,
 )
 
 
@@ -36,6 +49,35 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_HUMAN_INT = re.compile(r"(\d+(?:\.\d+)?)([kKmMgGtT])")
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def human_int(text: str) -> int:
+    """vLLM's spellings of a count: 32k = 32000, 1.5m = 1500000, 32K = 32768 (whole numbers
+    only with the binary suffixes), or a plain integer; >= 1."""
+    text = text.strip()
+    match = _HUMAN_INT.fullmatch(text)
+    if match is None:
+        value = int(text)
+    elif match.group(2) in _DECIMAL:
+        value = int(float(match.group(1)) * _DECIMAL[match.group(2)])
+    elif "." in match.group(1):
+        raise argparse.ArgumentTypeError(f"no decimals with the binary suffix {match.group(2)} "
+                                         f"(did you mean {text.lower()}?)")
+    else:
+        value = int(match.group(1)) * _BINARY[match.group(2)]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _model_len(text: str) -> int | None:
+    """--max-model-len: a count, or vLLM's auto / -1 (None: the model's own length)."""
+    return None if text.strip().lower() in ("auto", "-1") else human_int(text)
+
+
 def _lora_module(text: str) -> LoraModule:
     try:
         return parse_lora_module(text)
@@ -51,9 +93,9 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", nargs="+", metavar="NAME",
                    help="name(s) clients use for the base model in `model`; the first is the "
                         "one listed as parent of adapters (default: MODEL, or 'demo')")
-    g.add_argument("--api-key", default=None,
-                   help=f"require `Authorization: Bearer KEY` on /v1/* (default: ${API_KEY_ENV}"
-                        "; /health, /version and /metrics stay open)")
+    g.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` (one of the keys) on /v1/* "
+                        f"(default: ${API_KEY_ENV}; /health, /version and /metrics stay open)")
     g.add_argument("--max-request-body-bytes", type=_positive_int, default=None, metavar="N",
                    help="largest request body; a bigger one is a 413 before it is parsed "
                         "(default: 4 MiB, or 64 bytes per token of --max-model-len if more)")
@@ -63,6 +105,22 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error", "critical"],
                    help="log level of loramux and uvicorn (default info)")
+    g.add_argument("--uvicorn-log-level", default=None,
+                   choices=["debug", "info", "warning", "error", "critical", "trace"],
+                   help="log level of uvicorn alone (default: --log-level)")
+    g.add_argument("--disable-uvicorn-access-log", action="store_true",
+                   help="no access-log line per HTTP request")
+    g.add_argument("--chat-template", default=None, metavar="PATH_OR_TEMPLATE",
+                   help="Jinja chat template replacing the tokenizer's: a file, or the "
+                        "template itself (as in vLLM: a value with {, } or a newline)")
+    g.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                   help="request sampling defaults (temperature, top_p, top_k, min_p, "
+                        "penalties, max_new_tokens as max_tokens): auto reads "
+                        "MODEL/generation_config.json, DIR reads DIR's, vllm none (default "
+                        "auto, as vLLM); fields a request sends win")
+    g.add_argument("--override-generation-config", default=None, metavar="JSON",
+                   help='sampling defaults over the generation config, e.g. '
+                        '\'{"temperature": 0.5}\'')
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -82,18 +140,18 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "captured at start-up on CUDA with the Triton kernels)")
     g.add_argument("--tokenizer", default=None, help="tokenizer path (default: MODEL)")
     g.add_argument("--seed", type=int, default=Settings.seed, help="seed of the engine's sampler")
-    g.add_argument("--max-model-len", type=_positive_int, default=None,
-                   help="longest prompt + completion in tokens (default: the model's "
-                        "max_position_embeddings)")
+    g.add_argument("--max-model-len", type=_model_len, default=None,
+                   help="longest prompt + completion in tokens, e.g. 4096, 32k (32000) or 32K "
+                        "(32768) (default, or auto: the model's max_position_embeddings)")
     g.add_argument("--max-num-seqs", type=_positive_int, default=Settings.max_num_seqs,
                    help=f"most requests running at once (default {Settings.max_num_seqs})")
-    g.add_argument("--max-num-batched-tokens", type=_positive_int,
+    g.add_argument("--max-num-batched-tokens", type=human_int,
                    default=Settings.max_num_batched_tokens,
                    help="token budget of one engine step; longer prompts prefill in chunks")
     g.add_argument("--block-size", type=_positive_int, default=Settings.block_size,
                    help=f"tokens per paged KV-cache block (default {Settings.block_size})")
-    g.add_argument("--num-kv-blocks", type=_positive_int, default=None,
-                   help="fixed number of KV blocks (default: sized from memory)")
+    g.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", type=_positive_int,
+                   default=None, help="fixed number of KV blocks (default: sized from memory)")
     g.add_argument("--kv-cache-memory-gb", type=float, default=Settings.kv_cache_memory_gb,
                    help=f"KV-cache memory on CPU (default {Settings.kv_cache_memory_gb}); on "
                         "CUDA the cache takes what --gpu-memory-utilization leaves after the "
@@ -134,18 +192,23 @@ def _add_lora_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="loramux", description="Multi-LoRA serving for Mixture-of-Experts "
-                                                 "models with an OpenAI-compatible API.")
+                                                 "models with an OpenAI-compatible API.",
+                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
-        "serve", help="start the OpenAI-compatible server",
+        "serve", help="start the OpenAI-compatible server", allow_abbrev=False,
         description="Start the OpenAI-compatible server. Without MODEL, serve the built-in "
-                    "tiny demo model with its 2D and 3D demo adapters.")
+                    "tiny demo model with its 2D and 3D demo adapters. vLLM's flags are "
+                    "accepted (also spelled with underscores); see 'vLLM compatibility'.")
     serve.add_argument("model", nargs="?", default=None, metavar="MODEL",
                        help="Hugging Face checkpoint directory (default: the built-in demo); "
                             "architectures: " + ", ".join(SUPPORTED_ARCHITECTURES))
+    serve.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
+                       help="MODEL given as a flag, as vLLM also takes it")
     _add_server_flags(serve)
     _add_engine_flags(serve)
     _add_lora_flags(serve)
+    add_compat_flags(serve)
     return parser
 
 
@@ -160,13 +223,33 @@ def _demo_overrides(args: argparse.Namespace) -> dict:
                 lora_modules=tuple(demo_modules) + tuple(args.lora_modules))
 
 
+def _model(args: argparse.Namespace) -> str | None:
+    if args.model and args.model_flag and args.model != args.model_flag:
+        raise SettingsError(f"MODEL given twice ({args.model} and --model {args.model_flag}); "
+                            "give it once")
+    return args.model or args.model_flag
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = args.api_key or [os.environ.get(API_KEY_ENV, "")]
+    return tuple(key for key in keys if key)
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    model = _model(args)
+    try:
+        override = parse_override(args.override_generation_config or "{}")
+    except GenerationConfigError as exc:
+        raise SettingsError(str(exc)) from exc
     fields = dict(
-        model=args.model, served_model_names=tuple(args.served_model_name or [args.model]),
+        model=model, served_model_names=tuple(args.served_model_name or [model]),
         host=args.host, port=args.port, log_level=args.log_level,
+        uvicorn_log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
         max_request_body_bytes=args.max_request_body_bytes,
-        shutdown_timeout=args.shutdown_timeout,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        shutdown_timeout=args.shutdown_timeout, api_keys=_api_keys(args),
+        generation_config=args.generation_config, override_generation_config=override,
+        chat_template=args.chat_template,
         dtype=args.dtype, device=args.device, load_format=args.load_format,
         kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
         tokenizer=args.tokenizer, seed=args.seed, max_model_len=args.max_model_len,
@@ -182,15 +265,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             RUNTIME_LORA_ENV),
         allowed_lora_roots=tuple(args.allowed_lora_roots), redact_paths=args.redact_paths,
     )
-    if args.model is None:
+    if model is None:
         fields.update(_demo_overrides(args))
     return Settings(**fields)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(vllm_spellings(sys.argv[1:] if argv is None else argv))
     try:
+        warnings = judge_compat_flags(args)
         settings = settings_from_args(args)
-    except SettingsError as exc:
+    except (SettingsError, FlagRefused) as exc:
         sys.exit(f"loramux: error: {exc}")
-    return run(settings)
+    return run(settings, warnings)

@@ -19,6 +19,7 @@ from loramux.engine import Engine
 from loramux.engine.errors import EngineError
 from loramux.server.app import create_app
 from loramux.server.drain import CUT_GRACE_S, DrainingServer
+from loramux.server.protocol import unapplied_defaults
 from loramux.server.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,26 @@ logger = logging.getLogger(__name__)
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _sampling_defaults_notes(settings: Settings) -> None:
+    """Say which request defaults the generation config sets (as vLLM does), and which of them
+    loramux cannot apply; an invalid one stops start-up."""
+    defaults = settings.sampling_defaults
+    try:
+        unapplied = unapplied_defaults(defaults)
+    except ValueError as exc:
+        sys.exit(f"loramux: error: --generation-config {settings.generation_config}: {exc}")
+    if defaults:
+        source = ("the model's generation_config.json" if settings.generation_config == "auto"
+                  else f"--generation-config {settings.generation_config}")
+        if settings.override_generation_config:
+            source += " and --override-generation-config"
+        logger.warning("default sampling parameters set by %s: %s; fields a request sends win "
+                       "(--generation-config vllm: none)", source, defaults)
+    if unapplied:
+        logger.warning("sampling defaults not applied (not supported yet): %s",
+                       ", ".join(unapplied))
 
 
 def _build_engine(settings: Settings) -> Engine:
@@ -51,13 +72,19 @@ async def _serve(settings: Settings, engine: Engine) -> None:
     await _load_static_adapters(settings, app)
     # after the drain, connections get CUT_GRACE_S to send their last bytes
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, timeout_graceful_shutdown=CUT_GRACE_S)
+                            log_level=settings.uvicorn_log_level or settings.log_level,
+                            access_log=settings.access_log,
+                            timeout_graceful_shutdown=CUT_GRACE_S)
     logger.info("serving %s on http://%s:%d", settings.base_name, settings.host, settings.port)
     await DrainingServer(config, app.state.server.drain).serve()
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, warnings: list[str] = ()) -> int:
+    """Serve until stopped; `warnings` (vLLM flags accepted but ignored) are logged first."""
     _configure_logging(settings.log_level)
+    for warning in warnings:
+        logger.warning("%s", warning)
+    _sampling_defaults_notes(settings)
     engine = _build_engine(settings)
     asyncio.run(_serve(settings, engine))
     return 0

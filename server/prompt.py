@@ -21,12 +21,14 @@ _TEMPLATE_ARGS = {"conversation", "messages", "tokenize", "add_generation_prompt
 
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage], template_kwargs: dict | None = None,
                     *, add_generation_prompt: bool = True, continue_final_message: bool = False,
-                    check_text: Callable[[str], None] | None = None) -> list[int]:
+                    check_text: Callable[[str], None] | None = None,
+                    chat_template: str | None = None) -> list[int]:
     """Render the tokenizer's chat template (by default with the assistant's turn opened), then
     encode. `template_kwargs` (vLLM's `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`)
     become variables of the template; they cannot override the arguments named here.
-    `check_text` sees the rendered text before it is encoded (PromptBound.check)."""
-    if not getattr(tokenizer, "chat_template", None):
+    `check_text` sees the rendered text before it is encoded (PromptBound.check).
+    `chat_template` (--chat-template) replaces the tokenizer's own."""
+    if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise InvalidRequest("this model's tokenizer has no chat template; use /v1/completions")
     if add_generation_prompt and continue_final_message:
         raise InvalidRequest("add_generation_prompt and continue_final_message cannot both be "
@@ -38,7 +40,7 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage], template_kwargs: dic
         text = tokenizer.apply_chat_template(
             [m.template_dict() for m in messages], add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tokenize=False,
-            **(template_kwargs or {}))
+            chat_template=chat_template, **(template_kwargs or {}))
     except (TemplateError, ValueError) as exc:
         raise InvalidRequest(f"the chat template rejected the messages: {exc}") from exc
     if check_text is not None:
@@ -98,8 +100,10 @@ class Prompts:
     and the tokenizer run on `workers` threads of their own (Rust tokenizers release the GIL,
     so streams go on meanwhile), and texts that cannot fit are refused before tokenizing."""
 
-    def __init__(self, tokenizer, max_model_len: int, workers: int = 2) -> None:
+    def __init__(self, tokenizer, max_model_len: int, chat_template: str | None = None,
+                 workers: int = 2) -> None:
         self.tokenizer, self.bound = tokenizer, PromptBound(tokenizer, max_model_len)
+        self.chat_template = chat_template
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenizer")
 
     async def _run(self, work, *args, **kwargs):
@@ -114,7 +118,8 @@ class Prompts:
     async def chat(self, messages: list[ChatMessage], template_kwargs: dict | None,
                    max_tokens: int | None) -> list[int]:
         return await self._run(chat_prompt_ids, self.tokenizer, messages, template_kwargs,
-                               check_text=partial(self.bound.check, max_tokens=max_tokens))
+                               check_text=partial(self.bound.check, max_tokens=max_tokens),
+                               chat_template=self.chat_template)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -7,9 +7,17 @@ for something (`_UNHONOURED`); sent with their neutral value they are accepted.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from loramux.engine.request import SEED_MAX, SEED_MIN, LoRARequest, SamplingParams
@@ -113,6 +121,20 @@ class _GenerationRequest(_Body):
                 raise ValueError(f"{', '.join(asked)}: not supported by loramux yet; leave "
                                  f"{'it' if len(asked) == 1 else 'them'} out of the request")
         return raw
+
+    _max_tokens_field: ClassVar[str] = "max_tokens"
+
+    def with_defaults(self, defaults: Mapping[str, Any]) -> _GenerationRequest:
+        """The request with the server's sampling defaults (--generation-config) in each field
+        the client left out; `max_tokens` only where it is still None (completions' 16 stays,
+        as in vLLM). Defaults for fields this request type lacks are not applied."""
+        fields, update = type(self).model_fields, {}
+        for key, value in defaults.items():
+            name = self._max_tokens_field if key == "max_tokens" else key
+            if name in fields and name not in self.model_fields_set and (
+                    key != "max_tokens" or getattr(self, name) is None):
+                update[name] = value
+        return self.model_copy(update=update) if update else self
 
     @property
     def include_usage(self) -> bool:
@@ -242,3 +264,19 @@ class UnloadLoRAAdapterRequest(_Body):
 
     lora_name: str = Field(min_length=1)
     lora_int_id: int | None = None
+
+
+def unapplied_defaults(defaults: Mapping[str, Any]) -> list[str]:
+    """The sampling defaults (--generation-config) that no generation route has a field for.
+    A value its field refuses is a ValueError of one line naming it."""
+    fields = ChatCompletionRequest.model_fields
+    for key, value in defaults.items():
+        if key not in fields:
+            continue
+        try:
+            ChatCompletionRequest.model_validate(
+                {"model": "-", "messages": [{"role": "user", "content": "-"}], key: value})
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"]
+            raise ValueError(f"sampling default {key}={value!r} is invalid: {reason}") from None
+    return [key for key in defaults if key not in fields]

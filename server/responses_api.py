@@ -13,7 +13,7 @@ the event sequence OpenAI sends: `response.created`, `response.in_progress`,
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -35,6 +35,7 @@ class ResponsesRequest(_GenerationRequest):
     previous_response_id: str | None = None
     text: dict[str, Any] | None = None
     n: Literal[1] = 1
+    _max_tokens_field: ClassVar[str] = "max_output_tokens"
 
     @field_validator("input")
     @classmethod

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loramux.engine.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig, make_config
+from loramux.server.generation_defaults import (
+    GenerationConfigError,
+    read_generation_config,
+    sampling_defaults,
+)
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 API_KEY_ENV = "VLLM_API_KEY"
@@ -58,6 +65,24 @@ def parse_lora_module(item: str) -> LoraModule:
     return LoraModule(name, path)
 
 
+_JINJA_CHARS = "{}\n"
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template as vLLM reads it: a file's contents, else the value itself when it looks
+    like a template (has one of `{`, `}` or a newline; backslash escapes such as \\n are
+    decoded), else an error (a path that cannot be opened)."""
+    if value is None:
+        return None
+    try:
+        return Path(value).expanduser().read_text()
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        if not any(ch in value for ch in _JINJA_CHARS):
+            raise SettingsError(f"--chat-template {value}: looks like a file path, but cannot "
+                                f"be read: {exc}") from exc
+    return codecs.decode(value, "unicode_escape")
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
@@ -70,8 +95,13 @@ class Settings:
     served_model_names: tuple[str, ...]
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()
     log_level: str = "info"
+    uvicorn_log_level: str | None = None  # None: --log-level
+    access_log: bool = True
+    generation_config: str = "auto"  # auto, vllm or a directory holding generation_config.json
+    override_generation_config: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None  # --chat-template: a path or the template itself
     dtype: str = EngineConfig.dtype
     device: str = EngineConfig.device
     load_format: str = EngineConfig.load_format
@@ -97,6 +127,9 @@ class Settings:
     redact_paths: bool | None = None  # None: on when allowed_lora_roots is set
     max_request_body_bytes: int | None = None  # None: admission.default_max_body_bytes
     shutdown_timeout: float = 30.0
+    # derived in __post_init__: request defaults (--generation-config) and the template text
+    sampling_defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
+    chat_template_text: str | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.lora_modules and not self.enable_lora:
@@ -115,6 +148,13 @@ class Settings:
         for root in self.allowed_lora_roots:
             if not root.is_dir():
                 raise SettingsError(f"--allowed-lora-roots: {root} is not a directory")
+        try:
+            config = read_generation_config(self.generation_config, self.model)
+        except GenerationConfigError as exc:
+            raise SettingsError(str(exc)) from exc
+        object.__setattr__(self, "sampling_defaults",
+                           sampling_defaults(config, self.override_generation_config))
+        object.__setattr__(self, "chat_template_text", load_chat_template(self.chat_template))
 
     @property
     def hides_paths(self) -> bool:

@@ -41,12 +41,13 @@ State = Annotated[ServerState, Depends(get_state)]  # what a route declares to g
 
 
 async def require_api_key(request: Request) -> None:
-    """--api-key: `Authorization: Bearer KEY`, compared in constant time."""
-    key = get_state(request).settings.api_key
-    if key is None:
+    """--api-key: `Authorization: Bearer KEY` with one of the keys, compared in constant time."""
+    keys = get_state(request).settings.api_keys
+    if not keys:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                             key.encode()):
+    given = token.strip().encode()
+    matches = [hmac.compare_digest(given, key.encode()) for key in keys]  # each one compared
+    if scheme.lower() != "bearer" or not any(matches):
         raise ApiError(HTTPStatus.UNAUTHORIZED,
                        "Unauthorized: send a valid API key as `Authorization: Bearer KEY`")

@@ -64,11 +64,13 @@ def _check_model(state: ServerState, model: str | None) -> None:
         state.models.resolve(model)
 
 
-def _encode(tokenizer, body: TokenizeCompletionRequest | TokenizeChatRequest) -> list[int]:
+def _encode(tokenizer, body: TokenizeCompletionRequest | TokenizeChatRequest,
+            chat_template: str | None) -> list[int]:
     if isinstance(body, TokenizeChatRequest):
         return chat_prompt_ids(tokenizer, body.messages, body.chat_template_kwargs,
                                add_generation_prompt=body.add_generation_prompt,
-                               continue_final_message=body.continue_final_message)
+                               continue_final_message=body.continue_final_message,
+                               chat_template=chat_template)
     return tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
 
 
@@ -77,7 +79,7 @@ async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest,
                    state: State) -> TokenizeResponse:
     _check_model(state, body.model)
     tokenizer = state.engine.tokenizer
-    ids = await run_in_threadpool(_encode, tokenizer, body)
+    ids = await run_in_threadpool(_encode, tokenizer, body, state.prompts.chat_template)
     strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=state.engine.max_model_len,
                             tokens=ids, token_strs=strs)

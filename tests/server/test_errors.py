@@ -31,7 +31,7 @@ def engine(tokenizer):
 
 @pytest.fixture
 def http(engine):
-    settings = Settings(model="fake-dir", served_model_names=("fake",), api_key="k")
+    settings = Settings(model="fake-dir", served_model_names=("fake",), api_keys=("k",))
     with TestClient(create_app(engine, settings), raise_server_exceptions=False,
                     headers={"Authorization": "Bearer k"}) as client:
         yield client
