@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 
 from loramux.engine.batch import Batch, make_plan
@@ -147,7 +148,8 @@ class EngineCore:
                    if q.status is SeqStatus.WAITING}
         stats = EngineStats(
             num_running=len(running), num_waiting=len(waiting),
-            kv_cache_usage=self.pools.blocks.usage,
+            kv_cache_usage=self.pools.blocks.usage, kv_blocks_total=self.pools.blocks.num_blocks,
+            block_size=self.pools.blocks.block_size,
             running_lora_adapters=sorted({a for a in running.values() if a}),
             waiting_lora_adapters=sorted({a for a in waiting.values() if a}),
             max_loras=self.config.lora.num_slots, slots_used=self.pools.adapters.num_used,
@@ -164,6 +166,10 @@ class EngineCore:
             self.lora.release_stale({seq.adapter.key for seq in self.scheduler.waiting
                                      if seq.adapter is not None})
         batch, failed = self.scheduler.schedule()
+        now = time.monotonic()
+        for item in batch.items:  # a request's queue time ends when it is first scheduled
+            if (state := self.requests.get(item.seq.request_id)) is not None:
+                state.metrics.setdefault("scheduled", now)
         touched = {seq.request_id for seq in failed}
         for seq in failed:
             self._fail(seq)

@@ -108,5 +108,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     lora_name: str | None = None
-    metrics: dict = field(default_factory=dict)  # arrival, first_token, finished (time.monotonic)
+    # time.monotonic() of arrival, scheduled (first), first_token, last_token and finished
+    metrics: dict = field(default_factory=dict)
     error: Exception | None = None  # set when the request failed inside the engine

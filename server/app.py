@@ -53,7 +53,8 @@ def _openapi(app: FastAPI) -> dict:
 
 def create_app(engine, settings: Settings) -> FastAPI:
     app = FastAPI(title="loramux", version=__version__, lifespan=_engine_loop)
-    metrics, redactor = ServerMetrics(engine), PathRedactor(settings, engine)
+    metrics = ServerMetrics(engine, settings.base_name)
+    redactor = PathRedactor(settings, engine)
     drain = Drain(settings.shutdown_timeout)
     app.state.server = ServerState(engine=engine, settings=settings,
                                    models=ModelRegistry(engine, settings, metrics, redactor),

@@ -65,6 +65,7 @@ class Generation:
         await start_all(request, [(self, prompt_ids)], params)
 
     async def _begin(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.timer.submitted(params)
         self._outputs = self.engine.generate(prompt_ids, params, lora=self.lora,
                                              request_id=self.request_id)
         self.drain.enter(self)

@@ -10,7 +10,7 @@ import httpx
 
 from tests.adapters import make_2d_adapter
 from tests.reliability.helpers import PROMPT, greedy, load, unload
-from tests.server.test_metrics import scrape, value, wait_for
+from tests.server.test_metrics import engine_value, scrape, value, wait_for
 
 CLIENTS = 48
 MODELS = ("demo", "demo-2d", "demo-3d")
@@ -39,9 +39,9 @@ async def _drop(server, i: int) -> None:
 
 
 def idle(samples) -> bool:
-    return (value(samples, "vllm:num_requests_running") == 0
-            and value(samples, "vllm:num_requests_waiting") == 0
-            and value(samples, "vllm:kv_cache_usage_perc") == 0)
+    return (engine_value(samples, "vllm:num_requests_running") == 0
+            and engine_value(samples, "vllm:num_requests_waiting") == 0
+            and engine_value(samples, "vllm:kv_cache_usage_perc") == 0)
 
 
 def test_a_disconnect_storm_frees_every_block_and_slot(rel_server, hf_demo, adapter_root):

@@ -10,7 +10,7 @@ import json
 import httpx
 
 from tests.reliability.helpers import PROMPT, assert_clean_error
-from tests.server.test_metrics import value, wait_for
+from tests.server.test_metrics import engine_value, value, wait_for
 
 MODELS = ("demo", "demo-2d", "demo-3d")
 REQUESTS = 96  # the server runs 32 sequences at once
@@ -48,7 +48,7 @@ def test_overload_is_served_or_a_clean_503_and_the_engine_recovers(rel_server):
     served = [(i, text) for i, (status, text) in enumerate(crowd) if status == 200]
     assert [text for i, text in served] == [references[i % 6] for i, _ in served]
     assert after == solo[0]
-    samples = wait_for(rel_server, lambda s: value(s, "vllm:num_requests_running") == 0)
-    assert value(samples, "vllm:num_requests_waiting") == 0
-    assert value(samples, "vllm:kv_cache_usage_perc") == 0
+    samples = wait_for(rel_server, lambda s: engine_value(s, "vllm:num_requests_running") == 0)
+    assert engine_value(samples, "vllm:num_requests_waiting") == 0
+    assert engine_value(samples, "vllm:kv_cache_usage_perc") == 0
     assert value(samples, "loramux_engine_alive") == 1
