@@ -53,10 +53,13 @@ class Sequence:
         return self.num_tokens - self.num_computed
 
     def token_range(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + output, without copying either whole."""
         prompt_len = len(self.prompt)
         if stop <= prompt_len:
             return self.prompt[start:stop]
-        return (self.prompt + self.output)[start:stop]
+        if start >= prompt_len:
+            return self.output[start - prompt_len:stop - prompt_len]
+        return self.prompt[start:] + self.output[:stop - prompt_len]
 
     @property
     def adapter_name(self) -> str | None:

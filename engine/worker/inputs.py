@@ -10,6 +10,8 @@ the scratch slot, adapter slot -1.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from loramux.engine.memory import MemoryPlan
@@ -101,12 +103,15 @@ class StepInputs:
         return states
 
     def _fill_tables(self, tables: list[list[int]], width: int) -> torch.Tensor:
-        """Block tables [B, width] int32 on the device, padded with block 0."""
+        """Block tables [B, width] int32 on the device, padded with block 0. One host scatter
+        for all rows: a tensor per row cost ~10 us each, 2.5 ms a step at 256 sequences."""
         host_tables = self._host["block_tables"][: len(tables), :width]
         host_tables.zero_()
-        for i, table in enumerate(tables):
-            if table:
-                host_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        flat = list(itertools.chain.from_iterable(tables))
+        if flat:
+            lens = torch.tensor([len(t) for t in tables])
+            used = torch.arange(width)[None, :] < lens[:, None]  # row-major: the tables in order
+            host_tables.masked_scatter_(used, torch.tensor(flat, dtype=torch.int32))
         dev_tables = self._dev["block_tables"][: len(tables), :width]
         dev_tables.copy_(host_tables, non_blocking=True)
         return dev_tables

@@ -50,8 +50,9 @@ class FakeRecurrence(nn.Module):
             slot = meta.slots_host[i]
             self.seen_slots.add(slot)
             fresh = meta.fresh_host[i]
-            s = torch.zeros(self.hidden) if fresh else self.recurrent[slot].clone()
-            w = torch.zeros(2, self.hidden) if fresh else self.window[slot].float()
+            zeros = x.new_zeros(3, self.hidden, dtype=torch.float32)
+            s = zeros[0] if fresh else self.recurrent[slot].clone()
+            w = zeros[1:] if fresh else self.window[slot].float()
             for t in range(start, start + q_len):
                 s = s / 2 + x[t].float()
                 w = torch.stack([w[1], x[t].to(torch.bfloat16).float()])
@@ -144,7 +145,8 @@ def recurrent_model(monkeypatch):
 
 
 def greedy(path, **kwargs) -> tuple[list[list[int]], LLM]:
-    llm = LLM(path, block_size=2, **kwargs)
+    # eager: the fake layer loops over host metadata, which a CUDA graph would freeze
+    llm = LLM(path, block_size=2, enforce_eager=True, **kwargs)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     return [out.outputs[0].token_ids for out in outs], llm
 

@@ -7,7 +7,11 @@ with the torch twins and 0.32 with Triton on these tiny models (logit std ~1.6),
 in 16 changed its top-1 token on either path; with strong adapters one prompt in twelve reached
 1.0 on Triton and 0.4 on the twins (a routing flip). So tokens are not compared. Per prompt we
 take the largest top-20 error; the median over prompts must stay within twice the torch twins'
-median plus 0.05 (and under 0.5), and no prompt may exceed 1.5. An indexing or layout bug
+median plus 0.05 (and under 0.5), and no prompt may exceed 1.5, or transformers' own bf16 error
+on that prompt plus 0.5 where that is larger. The hybrid models (Gated DeltaNet) are that
+sensitive: on an H200 (2026-12-02, benchmarks/diagnose_gpu.py) transformers itself in bf16 erred
+by 2.95 on one prompt of Qwen3-Next and 1.51 on one of Qwen3.5-MoE, our torch twins by the same,
+Triton by 3.02 and 1.66, while fp32 Triton matched to 1e-4. An indexing or layout bug
 moves log-probabilities by whole units on most prompts; exactness of the kernels' indexing is
 checked in fp32 by tests/model/test_cuda.py and tests/kernels/test_gpu.py.
 """
@@ -46,8 +50,23 @@ def prompt_errors(outs, refs) -> torch.Tensor:
     return torch.tensor(errors)
 
 
-def check(path, prompts, refs, loras=None, **kwargs) -> None:
-    """Run the bf16 engine with Triton and with the torch twins; hold Triton to the bounds."""
+def transformers_bf16_errors(path, refs) -> torch.Tensor:
+    """Per prompt, transformers' own error in bf16 on this card (what bf16 alone costs)."""
+    model = load_reference(path).to("cuda", torch.bfloat16)
+    errors = []
+    with torch.no_grad():
+        for prompt, ref in zip(PROMPTS, refs):
+            logits = model(torch.tensor([prompt], device="cuda")).logits[0, -1].float().cpu()
+            got = torch.log_softmax(logits, -1)
+            ids = torch.topk(got, 20).indices
+            errors.append((got[ids] - ref[ids]).abs().max().item())
+    del model
+    return torch.tensor(errors)
+
+
+def check(path, prompts, refs, loras=None, bf16_errors=None, **kwargs) -> None:
+    """Run the bf16 engine with Triton and with the torch twins; hold Triton to the bounds.
+    bf16_errors: transformers' own per-prompt bf16 errors, which raise the worst-prompt cap."""
     errors = {}
     for backend in ("torch", "triton"):
         llm = LLM(str(path), dtype="bfloat16", device="cuda", kernel_backend=backend, **kwargs)
@@ -57,21 +76,18 @@ def check(path, prompts, refs, loras=None, **kwargs) -> None:
     median = {k: v.median().item() for k, v in errors.items()}
     bound = min(MEDIAN_CAP, 2 * median["torch"] + 0.05)
     assert median["triton"] <= bound, f"median bf16 logprob errors {median}, bound {bound:.3f}"
-    assert errors["triton"].max() <= WORST_CAP, f"per-prompt errors {errors['triton'].tolist()}"
+    cap = torch.full_like(errors["triton"], WORST_CAP)
+    if bf16_errors is not None:
+        cap = torch.maximum(cap, bf16_errors + 0.5)
+    assert (errors["triton"] <= cap).all(), (
+        f"per-prompt errors {errors['triton'].tolist()}, caps {cap.tolist()}")
 
 
-# Measured on an H200 (2026-12-02): the hybrid models' bf16 Triton path missed the worst-prompt
-# bound on one prompt in four (3.0 against 1.5; medians within bound), their torch path passed.
-# Not explained yet; kept visible as an expected failure until it is.
-_HYBRID_BF16 = pytest.mark.xfail(reason="hybrid bf16 Triton first step exceeds the worst-prompt "
-                                 "bound on an H200; open", strict=False)
-
-
-@pytest.mark.parametrize("arch", ARCHS + tuple(pytest.param(a, marks=_HYBRID_BF16)
-                                               for a in HYBRID_ARCHS) + ("qwen3_vl_moe",))
+@pytest.mark.parametrize("arch", ARCHS + HYBRID_ARCHS + ("qwen3_vl_moe",))
 def test_bf16_first_step_matches_fp32_transformers(tmp_path, arch):
     path = save_tiny_checkpoint(arch, tmp_path / arch)
-    check(path, PROMPTS, reference_logprobs(load_reference(path)))
+    refs = reference_logprobs(load_reference(path))
+    check(path, PROMPTS, refs, bf16_errors=transformers_bf16_errors(path, refs))
 
 
 def test_bf16_mixed_2d_3d_batch_matches_references(tmp_path):
