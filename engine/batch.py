@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from loramux.engine.plan import SampleRow, StepPlan
 from loramux.engine.sequence import Sequence
 
@@ -24,11 +26,15 @@ class Batch:
         return sum(item.num_tokens for item in self.items)
 
 
-def make_plan(batch: Batch, released: list[int]) -> StepPlan:
+def make_plan(batch: Batch, released: list[int],
+              token_masks: dict[int, torch.Tensor] | None = None) -> StepPlan:
     """The batch as plain data (copies: later steps do not change a plan once made).
 
     released: ids of sequences finished since the last plan (the worker drops their state).
+    token_masks: seq id -> the bitmask of the tokens its grammar allows next (structured
+    outputs), for the sampling rows that have one.
     """
+    token_masks = token_masks or {}
     token_ids: list[int] = []
     positions: list[int] = []
     adapter_slots: list[int] = []
@@ -50,6 +56,7 @@ def make_plan(batch: Batch, released: list[int]) -> StepPlan:
         for kind, slot in seq.state_slots.items():
             states.setdefault(kind, []).append(slot)
         if item.samples:
-            samples.append(SampleRow(row, seq.seq_id, seq.params, seq.seed))
+            samples.append(SampleRow(row, seq.seq_id, seq.params, seq.seed,
+                                     token_mask=token_masks.get(seq.seq_id)))
     return StepPlan(token_ids, positions, adapter_slots, query_lens, context_lens, tables,
                     states, samples, released)

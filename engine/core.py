@@ -20,6 +20,7 @@ from loramux.engine.request import LoRARequest, RequestOutput, SamplingParams, T
 from loramux.engine.scheduler import Scheduler
 from loramux.engine.sequence import Sequence, SeqStatus
 from loramux.engine.stats import EngineStats
+from loramux.engine.structured import Grammars
 from loramux.engine.tokenizer import eos_token_ids, load_tokenizer
 from loramux.engine.worker.worker import Worker
 
@@ -43,6 +44,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.pools, self.lora)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.eos_ids = eos_token_ids(config.model, self.model_config, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
         self.requests: dict[str, RequestState] = {}
         self._next_seq_id = 0
         self._released: list[int] = []  # finished sequences the worker has not been told of
@@ -98,9 +100,11 @@ class EngineCore:
         detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop,
                                        params.skip_special_tokens,
                                        params.include_stop_str_in_output)
+        constraint = (None if params.structured_outputs is None
+                      else self.grammars.constraint(params.structured_outputs))
         self._next_seq_id += 1
         return Sequence(self._next_seq_id, request_id, index, list(prompt), params, lora, detok,
-                        max_tokens, seed)
+                        max_tokens, seed, constraint=constraint)
 
     def add(self, state: RequestState) -> None:
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
@@ -176,10 +180,28 @@ class EngineCore:
         if self.lora is not None:
             self.worker.apply(self.lora.take_ops())
         if batch.items:
-            plan = make_plan(batch, self._released)
+            plan = make_plan(batch, self._released, self._token_masks(batch))
             self._released = []
             touched |= self._update(batch, self.worker.execute(plan))
         return [self._emit(rid) for rid in touched if rid in self.requests]
+
+    def _token_masks(self, batch: Batch) -> dict[int, object]:
+        """seq id -> the bitmask of its grammar's next tokens, for each sampling row with a
+        constraint (one batch fill). A grammar that allows no token of the vocabulary sets the
+        sequence's error: it fails in _update instead of appending a token."""
+        seqs = [item.seq for item in batch.items
+                if item.samples and item.seq.constraint is not None]
+        if not seqs:
+            return {}
+        bitmask = self.grammars.fill([seq.constraint for seq in seqs])
+        masks = {}
+        for seq, row, alive in zip(seqs, bitmask, bitmask.any(dim=1).tolist()):
+            masks[seq.seq_id] = row
+            if not alive:
+                seq.error = InvalidRequest(
+                    f"the requested structure allows no token of this model's vocabulary at "
+                    f"output token {len(seq.output)}")
+        return masks
 
     def _fail(self, seq: Sequence) -> None:
         state = self.requests[seq.request_id]
@@ -202,7 +224,9 @@ class EngineCore:
             touched.add(seq.request_id)
             if seq.finish_reason is not None:  # a sibling sample failed earlier in this step
                 continue
-            if finite:
+            if seq.error is not None:  # its grammar allowed no token
+                self._fail(seq)
+            elif finite:
                 self._append(seq, token, logprob)
             else:
                 seq.error = NonFiniteOutput(_non_finite_message(seq))
@@ -213,6 +237,14 @@ class EngineCore:
         seq.output.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
+        complete = False
+        if seq.constraint is not None:
+            try:
+                complete = seq.constraint.advance(token)
+            except InvalidRequest as exc:
+                seq.error = exc
+                self._fail(seq)
+                return
         params = seq.params
         if token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
@@ -222,6 +254,8 @@ class EngineCore:
             stop = seq.detok.add(token)
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
+            elif complete:  # the grammar allows nothing but EOS: the structure is done
+                seq.finish_reason = "stop"
             elif len(seq.output) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:

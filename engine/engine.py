@@ -68,6 +68,9 @@ class Engine:
             raise EngineStopped("the engine loop is not running")
         rid = request_id or uuid.uuid4().hex
         handle = self.core.resolve_lora(lora)
+        if params.structured_outputs is not None:  # compile (cached) off the event loop
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.core.grammars.compile, params.structured_outputs)
         state = self.core.make_request(rid, prompt_token_ids, params, handle)
         out_queue: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), out_queue)

@@ -16,11 +16,16 @@ seq 9 (adapter slot 1) decodes 1 token at position 5 (blocks [2, 6]) and samples
   block_tables  = [[5], [2, 6]]       # [B] the KV blocks of each sequence
   state_slots   = {}                  # kind -> [B], for each state kind the model declares
   samples       = [SampleRow(row=1, seq_id=9, params, seed=None)]
+If seq 9 followed a grammar (structured outputs), its SampleRow would carry token_mask: the
+int32 bitmask [ceil(V / 32)] of the tokens its grammar allows next (bit j of word i: token
+32 i + j), filled on the host; the worker masks the row's logits with it before sampling.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 from loramux.engine.lora.weights import LoraWeights
 from loramux.engine.request import SamplingParams, TokenLogprob
@@ -34,6 +39,7 @@ class SampleRow:
     seq_id: int  # keys the worker's per-sequence generator
     params: SamplingParams
     seed: int | None  # None for greedy rows
+    token_mask: torch.Tensor | None = None  # int32 [ceil(V / 32)], CPU: tokens allowed next
 
 
 @dataclass(slots=True)

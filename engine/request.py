@@ -33,6 +33,36 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # seeds are int64, as in vLLM
 
 
 @dataclass(frozen=True)
+class StructuredOutputs:
+    """A grammar the output must follow (vLLM's StructuredOutputsParams): exactly one of a JSON
+    schema (JSON text), any JSON object, a regex, a list of choices, or a grammar (Lark, or
+    GBNF/EBNF as vLLM's `grammar`). The engine ends the request when the grammar is complete.
+
+    any_whitespace: JSON may carry whitespace between tokens (vLLM's default), bounded in length
+                    so a model cannot loop on it; False writes compact JSON.
+    source: the request field it came from, for error messages (not part of its identity).
+    """
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    any_whitespace: bool = True
+    source: str = field(default="structured_outputs", compare=False)
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar")
+                 if getattr(self, name) is not None] + (["json_object"] if self.json_object
+                                                        else [])
+        if len(given) != 1:
+            raise InvalidRequest(f"{self.source}: give exactly one of json, json_object, regex, "
+                                 f"choice, grammar (got {', '.join(given) or 'none'})")
+        if self.choice is not None and not self.choice:
+            raise InvalidRequest(f"{self.source}: choice must list at least one string")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -47,6 +77,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus top-k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -43,6 +43,7 @@ class Sequence:
     adapter_slot: int = -1  # adapter slot pinned while running; -1 = none
     state_slots: dict[str, int] = field(default_factory=dict)  # kind -> slot, while running
     error: Exception | None = None  # why the sequence could not run (adapter re-read failed)
+    constraint: object | None = None  # engine.structured.Constraint: its grammar, if any
 
     @property
     def num_tokens(self) -> int:

@@ -7,8 +7,9 @@ for something (`_UNHONOURED`); sent with their neutral value they are accepted.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -20,7 +21,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from loramux.engine.request import SEED_MAX, SEED_MIN, LoRARequest, SamplingParams
+from loramux.engine.request import (SEED_MAX, SEED_MIN, LoRARequest, SamplingParams,
+                                   StructuredOutputs)
 from loramux.server.settings import adapter_name_problem
 
 
@@ -81,14 +83,60 @@ _UNHONOURED: dict[str, tuple[Any, ...]] = {
     "bad_words": (None, []), "allowed_token_ids": (None,),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
     "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}), "structured_outputs": (None,),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-    "guided_grammar": (None,), "guided_decoding_backend": (None,),
+    "guided_decoding_backend": (None, "auto", "guidance"), "guided_whitespace_pattern": (None,),
     "prompt_logprobs": (None,), "best_of": (None, 1), "use_beam_search": (None, False),
     "length_penalty": (None, 1, 1.0), "suffix": (None, ""), "truncate_prompt_tokens": (None,),
     "logits_processors": (None, []), "audio": (None,), "prediction": (None,),
     "modalities": (None, ["text"]), "web_search_options": (None,),
 }
+
+
+class JsonSchemaFormat(_Body):
+    """response_format.json_schema (OpenAI's shape). `strict` is accepted: the schema is always
+    enforced by the grammar."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def spec(self, source: str = "structured_outputs") -> StructuredOutputs:
+        return _structured(source, self.json_, self.regex, self.choice, self.grammar,
+                           bool(self.json_object), not self.disable_any_whitespace)
+
+
+def _structured(source: str, schema: dict | str | None, regex: str | None,
+                choice: list[str] | None, grammar: str | None, json_object: bool = False,
+                any_whitespace: bool = True) -> StructuredOutputs:
+    if isinstance(schema, dict):
+        schema = json.dumps(schema)
+    return StructuredOutputs(json=schema, json_object=json_object, regex=regex,
+                             choice=None if choice is None else tuple(choice), grammar=grammar,
+                             any_whitespace=any_whitespace, source=source)
 
 
 class _GenerationRequest(_Body):
@@ -109,6 +157,13 @@ class _GenerationRequest(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_*
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -140,7 +195,40 @@ class _GenerationRequest(_Body):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    @model_validator(mode="after")
+    def _one_structure(self) -> _GenerationRequest:
+        given = [name for name, value in self._structures().items() if value]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} each ask for a structured output: give "
+                             "only one of them")
+        return self
+
+    def _structures(self) -> dict[str, bool]:
+        guided = [self.guided_json, self.guided_regex, self.guided_choice, self.guided_grammar]
+        return {"response_format": (self.response_format is not None
+                                    and self.response_format.type != "text"),
+                "structured_outputs": self.structured_outputs is not None,
+                "guided_*": any(g is not None for g in guided)}
+
+    def structured_outputs_spec(self) -> StructuredOutputs | None:
+        """The grammar the request asks for, whichever spelling it used (at most one)."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            return StructuredOutputs(json_object=True, source="response_format")
+        if fmt is not None and fmt.type == "json_schema":
+            schema = fmt.json_schema.json_schema
+            return _structured("response_format.json_schema.schema",
+                               {"type": "object"} if schema is None else schema, None, None, None)
+        if self.structured_outputs is not None:
+            return self.structured_outputs.spec()
+        guided = {f"guided_{kind}": getattr(self, f"guided_{kind}")
+                  for kind in ("json", "regex", "choice", "grammar")}
+        if given := [name for name, value in guided.items() if value is not None]:
+            return _structured(", ".join(given), *guided.values())
+        return None
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         structured: StructuredOutputs | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -148,6 +236,7 @@ class _GenerationRequest(_Body):
             stop_token_ids=tuple(self.stop_token_ids), ignore_eos=self.ignore_eos,
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=structured or self.structured_outputs_spec(),
         )
 
 

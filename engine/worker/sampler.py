@@ -6,6 +6,7 @@ import torch
 
 from loramux.engine.plan import SampleResult
 from loramux.engine.request import SamplingParams, TokenLogprob
+from loramux.engine.worker.token_mask import apply_token_masks
 
 
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -36,12 +37,16 @@ class Sampler:
     """Chooses one token per row. Greedy rows share one argmax; sampled rows use their own
     generator when seeded, so a seeded sequence is reproducible whatever it is batched with.
     A row whose logits are not all finite is sampled as zeros and reported in `finite`.
+    A row with a token mask (structured outputs) chooses among its allowed tokens only.
     """
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> SampleResult:
+                 generators: list[torch.Generator | None],
+                 token_masks: list[torch.Tensor | None] | None = None) -> SampleResult:
         finite = torch.isfinite(logits).all(dim=-1)  # [B]
         logits = torch.where(finite[:, None], logits, 0.0)
+        if token_masks is not None:
+            apply_token_masks(logits, token_masks)
         chosen = torch.argmax(logits, dim=-1)
         for row, (p, gen) in enumerate(zip(params, generators)):
             if not p.is_greedy:

@@ -110,7 +110,8 @@ class Worker:
         out = out[self.inputs.logits_rows(num_rows)]
         logits = self.model.compute_logits(out) if bucket is None else out
         return self.sampler(logits, [row.params for row in plan.samples],
-                            [self._generator(row) for row in plan.samples])
+                            [self._generator(row) for row in plan.samples],
+                            [row.token_mask for row in plan.samples])
 
     def _generator(self, row: SampleRow) -> torch.Generator | None:
         """The sequence's generator, seeded on its first draw (None for greedy rows)."""

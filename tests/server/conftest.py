@@ -138,6 +138,25 @@ def open_server(server_env, demo_home):
 
 
 @pytest.fixture(scope="session")
+def chat_model(tmp_path_factory) -> dict[str, Path]:
+    """tests/chat_model.py's checkpoint: byte-level tokenizer, Qwen3-style template, adapters."""
+    from tests.chat_model import build_chat_model
+
+    return build_chat_model(tmp_path_factory.mktemp("chat-model"))
+
+
+@pytest.fixture(scope="session")
+def chat_server(server_env, chat_model, demo_home):
+    """The chat model with its 2D adapter (a2d) and 3D adapter (a3d)."""
+    args = [str(chat_model["model"]), "--served-model-name", "chat", *SERVER_FLAGS,
+            "--enable-lora", "--enable-mixed-moe-lora-format",
+            "--lora-modules", f"a2d={chat_model['a2d']}", f"a3d={chat_model['a3d']}"]
+    srv = start_server(args, server_env, demo_home / "chat-server.log")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="session")
 def client(server) -> openai.OpenAI:
     return server.client()
 
