@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qwen_sized_tokenizer import build  # noqa: E402
 
-from loramux.engine.structured import _JSON_WHITESPACE as JSON_WHITESPACE  # noqa: E402
+from loramux.engine.structured import JSON_WHITESPACE  # noqa: E402
 
 VOCAB = 151_936  # Qwen3's logits width (the tokenizer's 151,669 entries, padded)
 

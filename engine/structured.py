@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 # Whitespace between JSON tokens when any_whitespace (vLLM's default): nothing, one space, or a
 # newline and up to 32 blanks of indentation, so compact, inline and pretty-printed JSON all fit
 # and a model that prefers blanks still reaches the end of the value.
-_JSON_WHITESPACE = r"[ ]?|\n[ \t]{0,32}"
+JSON_WHITESPACE = r"[ ]?|\n[ \t]{0,32}"
 _CACHE_SIZE = 256  # compiled grammars kept
 
 
@@ -108,7 +108,7 @@ class Grammars:
                 schema = json.loads(spec.json) if spec.json is not None else {"type": "object"}
             except json.JSONDecodeError as exc:
                 raise InvalidRequest(f"{spec.source}: the JSON schema is not JSON: {exc}") from exc
-            options = ({"whitespace_flexible": True, "whitespace_pattern": _JSON_WHITESPACE}
+            options = ({"whitespace_flexible": True, "whitespace_pattern": JSON_WHITESPACE}
                        if spec.any_whitespace else {"whitespace_flexible": False})
             try:
                 return ll.LLMatcher.grammar_from_json_schema(schema, defaults=options)
