@@ -17,6 +17,7 @@ from loramux.engine.config import SUPPORTED_ARCHITECTURES
 from loramux.engine.demo import ensure_demo
 from loramux.server.generation_defaults import GenerationConfigError, parse_override
 from loramux.server.launch import run
+from loramux.server.reasoning import PARSERS as REASONING_PARSERS
 from loramux.server.settings import (
     API_KEY_ENV,
     DEMO_SERVED_NAME,
@@ -27,6 +28,7 @@ from loramux.server.settings import (
     env_flag,
     parse_lora_module,
 )
+from loramux.server.tool_calls import PARSERS as TOOL_PARSERS
 from loramux.server.vllm_flags import (
     FlagRefused,
     add_compat_flags,
@@ -113,6 +115,14 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template", default=None, metavar="PATH_OR_TEMPLATE",
                    help="Jinja chat template replacing the tokenizer's: a file, or the "
                         "template itself (as in vLLM: a value with {, } or a newline)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model decide whether to call tools (tool_choice auto); "
+                        "needs --tool-call-parser")
+    g.add_argument("--tool-call-parser", default=None, choices=list(TOOL_PARSERS),
+                   help="how tool calls are written: hermes is Qwen3's <tool_call>{json}"
+                        "</tool_call> (required and named tool choices use it always)")
+    g.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
+                   help="qwen3: <think>...</think> goes to reasoning_content")
     g.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
                    help="request sampling defaults (temperature, top_p, top_k, min_p, "
                         "penalties, max_new_tokens as max_tokens): auto reads "
@@ -249,7 +259,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_request_body_bytes=args.max_request_body_bytes,
         shutdown_timeout=args.shutdown_timeout, api_keys=_api_keys(args),
         generation_config=args.generation_config, override_generation_config=override,
-        chat_template=args.chat_template,
+        chat_template=args.chat_template, enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
         dtype=args.dtype, device=args.device, load_format=args.load_format,
         kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
         tokenizer=args.tokenizer, seed=args.seed, max_model_len=args.max_model_len,

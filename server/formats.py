@@ -12,6 +12,7 @@ from functools import partial
 from pydantic import BaseModel
 
 from loramux.engine.request import CompletionOutput, RequestOutput, TokenLogprob
+from loramux.server.reasoning import ReasoningSplitter, split_reasoning
 from loramux.server.responses import (
     AssistantMessage,
     ChatChoice,
@@ -23,10 +24,15 @@ from loramux.server.responses import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
     TopLogprob,
     UsageInfo,
 )
+from loramux.server.tool_calls import ToolCallStream, parse_tool_calls
 
 
 def usage_of(*outs: RequestOutput) -> UsageInfo:
@@ -129,6 +135,16 @@ class CompletionFormatter(_Formatter):
 
 
 class ChatFormatter(_Formatter):
+    """tools: parse Hermes tool calls out of the text (server/tool_calls.py); thinking: with
+    --reasoning-parser, whether the request thinks (server/reasoning.py), None without it."""
+
+    def __init__(self, tokenizer, response_id: str, model: str, want_logprobs: bool,
+                 tools: bool = False, thinking: bool | None = None) -> None:
+        super().__init__(tokenizer, response_id, model, want_logprobs)
+        self.tools, self.thinking = tools, thinking
+        self._reasoning: dict[int, ReasoningSplitter] = {}
+        self._calls: dict[int, ToolCallStream] = {}
+
     def _logprobs(self, out: RequestOutput, choice: CompletionOutput,
                   entries: list[TokenLogprob]) -> ChatLogprobs | None:
         if not self.want_logprobs:
@@ -148,19 +164,66 @@ class ChatFormatter(_Formatter):
 
     def chunks(self, out: RequestOutput) -> list[ChatCompletionChunk]:
         return [ChatCompletionChunk(id=self.id, model=self.model, choices=[ChatStreamChoice(
-            index=c.index, delta=DeltaMessage(content=c.text_delta),
-            logprobs=self._logprobs(out, c, c.logprobs_delta), finish_reason=c.finish_reason,
+            index=c.index, delta=self._delta(c), logprobs=self._logprobs(out, c, c.logprobs_delta),
+            finish_reason=self._finish_reason(c, bool(self._stream_calls(c).calls)),
             stop_reason=c.stop_reason)]) for c in self._changed(out)]
+
+    def _stream_calls(self, choice: CompletionOutput) -> ToolCallStream:
+        return self._calls.setdefault(choice.index, ToolCallStream())
+
+    def _delta(self, choice: CompletionOutput) -> DeltaMessage:
+        """The choice's text delta split into reasoning, content and tool-call pieces."""
+        reasoning, content = "", choice.text_delta
+        if self.thinking is not None:
+            splitter = self._reasoning.setdefault(choice.index, ReasoningSplitter(self.thinking))
+            reasoning, content = splitter.feed(content)
+            if choice.finished:
+                more = splitter.finish()
+                reasoning, content = reasoning + more[0], content + more[1]
+        calls = []
+        if self.tools:
+            stream = self._stream_calls(choice)
+            content, calls = stream.feed(content)
+            if choice.finished:
+                more, more_calls = stream.finish()
+                content, calls = content + more, calls + more_calls
+        return DeltaMessage(
+            content=content if content or not (reasoning or calls) else None,
+            reasoning_content=reasoning or None, reasoning=reasoning or None,
+            tool_calls=[DeltaToolCall(index=d.index, id=d.id, type="function" if d.id else None,
+                                      function=DeltaFunctionCall(name=d.name,
+                                                                 arguments=d.arguments))
+                        for d in calls] or None)
+
+    @staticmethod
+    def _finish_reason(choice: CompletionOutput, called: bool) -> str | None:
+        """vLLM's: a choice that stopped after calling tools finished with tool_calls."""
+        return "tool_calls" if called and choice.finish_reason == "stop" else choice.finish_reason
+
+    def _message(self, choice: CompletionOutput) -> tuple[AssistantMessage, bool]:
+        reasoning, content = (None, choice.text) if self.thinking is None \
+            else split_reasoning(choice.text, self.thinking)
+        calls = []
+        if self.tools and content:
+            content, calls = parse_tool_calls(content)
+        message = AssistantMessage(content=content, reasoning_content=reasoning,
+                                   reasoning=reasoning, tool_calls=[
+                                       ToolCall(id=c.id, function=FunctionCall(
+                                           name=c.name, arguments=c.arguments)) for c in calls])
+        return message, bool(calls)
 
     def usage_chunk(self, *outs: RequestOutput) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, model=self.model, choices=[],
                                    usage=usage_of(*outs))
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
-                              logprobs=self._logprobs(out, c, c.logprobs or []),
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-                   for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            message, called = self._message(c)
+            choices.append(ChatChoice(index=c.index, message=message,
+                                      logprobs=self._logprobs(out, c, c.logprobs or []),
+                                      finish_reason=self._finish_reason(c, called),
+                                      stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=self.id, model=self.model, choices=choices,
                                       usage=usage_of(out))
 

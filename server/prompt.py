@@ -22,12 +22,14 @@ _TEMPLATE_ARGS = {"conversation", "messages", "tokenize", "add_generation_prompt
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage], template_kwargs: dict | None = None,
                     *, add_generation_prompt: bool = True, continue_final_message: bool = False,
                     check_text: Callable[[str], None] | None = None,
-                    chat_template: str | None = None) -> list[int]:
+                    chat_template: str | None = None,
+                    tools: list[dict] | None = None) -> list[int]:
     """Render the tokenizer's chat template (by default with the assistant's turn opened), then
     encode. `template_kwargs` (vLLM's `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`)
     become variables of the template; they cannot override the arguments named here.
     `check_text` sees the rendered text before it is encoded (PromptBound.check).
-    `chat_template` (--chat-template) replaces the tokenizer's own."""
+    `chat_template` (--chat-template) replaces the tokenizer's own; `tools` (OpenAI's tool
+    definitions) are the template's `tools`."""
     if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise InvalidRequest("this model's tokenizer has no chat template; use /v1/completions")
     if add_generation_prompt and continue_final_message:
@@ -40,7 +42,7 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage], template_kwargs: dic
         text = tokenizer.apply_chat_template(
             [m.template_dict() for m in messages], add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tokenize=False,
-            chat_template=chat_template, **(template_kwargs or {}))
+            chat_template=chat_template, tools=tools, **(template_kwargs or {}))
     except (TemplateError, ValueError) as exc:
         raise InvalidRequest(f"the chat template rejected the messages: {exc}") from exc
     if check_text is not None:
@@ -116,10 +118,10 @@ class Prompts:
         return await self._run(completion_prompt_ids, self.tokenizer, prompt)
 
     async def chat(self, messages: list[ChatMessage], template_kwargs: dict | None,
-                   max_tokens: int | None) -> list[int]:
+                   max_tokens: int | None, tools: list[dict] | None = None) -> list[int]:
         return await self._run(chat_prompt_ids, self.tokenizer, messages, template_kwargs,
                                check_text=partial(self.bound.check, max_tokens=max_tokens),
-                               chat_template=self.chat_template)
+                               chat_template=self.chat_template, tools=tools)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

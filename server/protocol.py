@@ -169,8 +169,8 @@ class _GenerationRequest(_Body):
     @classmethod
     def _refuse_unhonoured(cls, raw: Any) -> Any:
         if isinstance(raw, dict):
-            asked = [f for f, neutral in _UNHONOURED.items()
-                     if f in raw and not any(raw[f] == v and type(raw[f]) is type(v)
+            asked = [f for f, neutral in _UNHONOURED.items() if f not in cls._honoured
+                     and f in raw and not any(raw[f] == v and type(raw[f]) is type(v)
                                              or raw[f] is v for v in neutral)]
             if asked:
                 raise ValueError(f"{', '.join(asked)}: not supported by loramux yet; leave "
@@ -178,6 +178,7 @@ class _GenerationRequest(_Body):
         return raw
 
     _max_tokens_field: ClassVar[str] = "max_tokens"
+    _honoured: ClassVar[frozenset[str]] = frozenset()  # of _UNHONOURED, on this route
 
     def with_defaults(self, defaults: Mapping[str, Any]) -> _GenerationRequest:
         """The request with the server's sampling defaults (--generation-config) in each field
@@ -308,8 +309,32 @@ class ChatMessage(BaseModel):
         return raw
 
 
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # accepted: required and named choices always follow the schema
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_GenerationRequest):
     """POST /v1/chat/completions."""
+
+    _honoured: ClassVar[frozenset[str]] = frozenset({"tools", "tool_choice",
+                                                     "parallel_tool_calls"})
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -317,6 +342,44 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    # None: "auto" when tools are given, else "none" (vLLM's default)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tool_choice_fits(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            if not self.tools:
+                raise ValueError("tool_choice: a required or named tool choice needs tools")
+            if any(self._structures().values()):
+                raise ValueError("tool_choice: a required or named tool choice cannot be "
+                                 "combined with a structured output (response_format, "
+                                 "structured_outputs, guided_*)")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names:
+            raise ValueError(f"tool_choice: no tool named {choice.function.name!r} in tools")
+        return self
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t.function.name for t in self.tools or []]
+
+    @property
+    def effective_tool_choice(self) -> str:
+        """none, auto, required, or the named function's name."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or ("auto" if self.tools else "none")
+
+    @property
+    def thinking(self) -> bool:
+        """Qwen3's enable_thinking (on unless chat_template_kwargs turns it off)."""
+        return (self.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+
+    def template_tools(self) -> list[dict] | None:
+        """tools as the chat template takes them (OpenAI's shape)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
     def sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens

@@ -102,6 +102,9 @@ class Settings:
     generation_config: str = "auto"  # auto, vllm or a directory holding generation_config.json
     override_generation_config: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None  # --chat-template: a path or the template itself
+    enable_auto_tool_choice: bool = False  # tool_choice auto (needs tool_call_parser)
+    tool_call_parser: str | None = None  # hermes: the Qwen3 / Hermes <tool_call> format
+    reasoning_parser: str | None = None  # qwen3: <think>...</think> as reasoning_content
     dtype: str = EngineConfig.dtype
     device: str = EngineConfig.device
     load_format: str = EngineConfig.load_format
@@ -132,6 +135,8 @@ class Settings:
     chat_template_text: str | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise SettingsError("--enable-auto-tool-choice needs --tool-call-parser")
         if self.lora_modules and not self.enable_lora:
             raise SettingsError("--lora-modules needs --enable-lora")
         if self.allow_runtime_lora_updating and not self.enable_lora:

@@ -92,6 +92,7 @@ def build_chat_model(root: Path) -> dict[str, Path]:
     write_tokenizer(root / "model")
     tokenizer = AutoTokenizer.from_pretrained(root / "model")
     model = tiny_model("qwen3_moe", seed=5, vocab_size=len(tokenizer),
+                       max_position_embeddings=4096,
                        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
                        pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(root / "model")

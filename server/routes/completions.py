@@ -7,10 +7,13 @@ usage summed.
 
 from __future__ import annotations
 
+import dataclasses
 from http import HTTPStatus as S
 
 from fastapi import APIRouter, Depends, Request
 
+from loramux.engine.errors import InvalidRequest
+from loramux.engine.request import SamplingParams, StructuredOutputs
 from loramux.server.errors import documented
 from loramux.server.formats import ChatFormatter, CompletionFormatter, Formatter, usage_of
 from loramux.server.generation import Generation, final_all, start_all
@@ -23,6 +26,7 @@ from loramux.server.responses import (
 )
 from loramux.server.state import ServerState, State, require_api_key
 from loramux.server.streaming import event_stream, sse_response
+from loramux.server.tool_calls import tags_are_tokens, tool_call_grammar
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=documented(
     S.BAD_REQUEST, S.UNAUTHORIZED, S.NOT_FOUND, S.CONFLICT, S.REQUEST_ENTITY_TOO_LARGE,
@@ -47,17 +51,45 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
     lora = state.models.resolve(body.model)
     body = body.with_defaults(state.settings.sampling_defaults)
+    params = _chat_params(body, state)
     prompt_ids = await state.prompts.chat(body.messages, body.chat_template_kwargs,
-                                          body.sampling_params().max_tokens)
+                                          params.max_tokens, body.template_tools())
     formatter = ChatFormatter(state.engine.tokenizer, random_id("chatcmpl"), body.model,
-                              want_logprobs=body.logprobs)
-    return await _run(state, request, body, [prompt_ids], lora, [formatter])
+                              want_logprobs=body.logprobs,
+                              tools=body.effective_tool_choice != "none",
+                              thinking=_thinking(body, params, state))
+    return await _run(state, request, body, [prompt_ids], lora, [formatter], params)
+
+
+def _thinking(body: ChatCompletionRequest, params: SamplingParams,
+              state: ServerState) -> bool | None:
+    """None without --reasoning-parser. A grammar (structured output, required or named tool
+    choice) holds from the first token, so such an output has no reasoning."""
+    if not state.settings.reasoning_parser:
+        return None
+    return body.thinking and params.structured_outputs is None
+
+
+def _chat_params(body: ChatCompletionRequest, state: ServerState) -> SamplingParams:
+    """The request's sampling; tool_choice required or named adds the grammar of its calls."""
+    params, choice, settings = body.sampling_params(), body.effective_tool_choice, state.settings
+    if choice == "auto" and not (settings.enable_auto_tool_choice and settings.tool_call_parser):
+        raise InvalidRequest('"auto" tool choice requires --enable-auto-tool-choice and '
+                             "--tool-call-parser to be set")
+    if choice in ("none", "auto"):
+        return params
+    grammar = tool_call_grammar([t.function.model_dump() for t in body.tools],
+                                None if choice == "required" else choice,
+                                body.parallel_tool_calls, tags_are_tokens(state.engine.tokenizer))
+    return dataclasses.replace(params, structured_outputs=StructuredOutputs(
+        grammar=grammar, source="tool_choice"))
 
 
 async def _run(state: ServerState, request: Request,
                body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
-               lora: str | None, formatters: list[Formatter]):
-    params, rid = body.sampling_params(), formatters[0].id
+               lora: str | None, formatters: list[Formatter],
+               params: SamplingParams | None = None):
+    params, rid = params or body.sampling_params(), formatters[0].id
     generations = [Generation(state.engine, rid if len(prompts) == 1 else f"{rid}-{i}", lora,
                               state.metrics.timer(body.model), state.drain)
                    for i in range(len(prompts))]

@@ -147,9 +147,11 @@ def chat_model(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def chat_server(server_env, chat_model, demo_home):
-    """The chat model with its 2D adapter (a2d) and 3D adapter (a3d)."""
+    """The chat model with its 2D adapter (a2d) and 3D adapter (a3d), tool calls and the
+    qwen3 reasoning parser on."""
     args = [str(chat_model["model"]), "--served-model-name", "chat", *SERVER_FLAGS,
-            "--enable-lora", "--enable-mixed-moe-lora-format",
+            "--enable-lora", "--enable-mixed-moe-lora-format", "--enable-auto-tool-choice",
+            "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
             "--lora-modules", f"a2d={chat_model['a2d']}", f"a3d={chat_model['a3d']}"]
     srv = start_server(args, server_env, demo_home / "chat-server.log")
     yield srv

@@ -11,9 +11,7 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 @pytest.mark.parametrize("field, value", [
     ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("repetition_penalty", 1.2),
     ("logit_bias", {"5": 10}), ("min_tokens", 3), ("bad_words", ["model"]),
-    ("tool_choice", "required"),
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("guided_decoding_backend", "xgrammar"),
+    ("guided_decoding_backend", "xgrammar"), ("functions", [{"name": "f"}]),
     ("prompt_logprobs", 1), ("best_of", 2), ("use_beam_search", True),
 ])
 def test_a_field_that_asks_for_something_unimplemented_is_a_400_naming_it(client, field, value):
@@ -32,3 +30,10 @@ def test_the_same_field_with_its_neutral_value_is_accepted(client, field, value)
     reply = client.completions.create(model="demo-2d", prompt="the model", max_tokens=2,
                                       extra_body={field: value})
     assert reply.usage.completion_tokens >= 1
+
+
+def test_tools_are_refused_where_only_chat_honours_them(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="demo", prompt="hi", max_tokens=2, extra_body={
+            "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert "tools: not supported" in err.value.message
