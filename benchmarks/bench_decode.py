@@ -8,8 +8,8 @@ weights (--load-format dummy), submits N requests with 128-token random prompts 
 --max-tokens output tokens each (ignore_eos), and reports decode tokens/s: tokens generated
 after every request has its first token, over the time that took. Each concurrency level is
 run once untimed first, so Triton compilation for its shapes stays out of the numbers. With
---lora the requests cycle over base, a random 2D adapter and a random 3D adapter (rank 16,
-attention + experts). Decode steps replay CUDA graphs unless --enforce-eager.
+--lora every request carries an adapter, alternately a random 2D and a random 3D one (rank 16,
+attention + experts), so each batch mixes both layouts and no request runs on the base alone. Decode steps replay CUDA graphs unless --enforce-eager.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
     config = {**QWEN3_30B_A3B, "num_hidden_layers": args.layers}
     (root / "model").mkdir()
     (root / "model" / "config.json").write_text(json.dumps(config))
-    loras: list = [None]
+    loras: list = [] if args.lora else [None]
     if args.lora:
         for i, layout in enumerate(("2d", "3d")):
             write_random_adapter(root / layout, config, layout=layout, seed=i, rank=16, alpha=32)
