@@ -7,8 +7,9 @@ with the torch twins and 0.32 with Triton on these tiny models (logit std ~1.6),
 in 16 changed its top-1 token on either path; with strong adapters one prompt in twelve reached
 1.0 on Triton and 0.4 on the twins (a routing flip). So tokens are not compared. Per prompt we
 take the largest top-20 error; the median over prompts must stay within twice the torch twins'
-median plus 0.05 (and under 0.5), and no prompt may exceed 1.5, or transformers' own bf16 error
-on that prompt plus 0.5 where that is larger. The hybrid models (Gated DeltaNet) are that
+median plus 0.05 (and under 0.5, or transformers' own bf16 median plus 0.25 where that is
+larger), and no prompt may exceed 1.5, or transformers' own bf16 error on that prompt plus 0.5
+where that is larger. The hybrid models (Gated DeltaNet) are that
 sensitive: on an H200 (2026-12-02, benchmarks/diagnose_gpu.py) transformers itself in bf16 erred
 by 2.95 on one prompt of Qwen3-Next and 1.51 on one of Qwen3.5-MoE, our torch twins by the same,
 Triton by 3.02 and 1.66, while fp32 Triton matched to 1e-4. An indexing or layout bug
@@ -74,13 +75,15 @@ def check(path, prompts, refs, loras=None, bf16_errors=None, **kwargs) -> None:
         del llm
         torch.cuda.empty_cache()
     median = {k: v.median().item() for k, v in errors.items()}
-    bound = min(MEDIAN_CAP, 2 * median["torch"] + 0.05)
+    cap = MEDIAN_CAP if bf16_errors is None else max(MEDIAN_CAP, bf16_errors.median().item() + 0.25)
+    bound = min(cap, 2 * median["torch"] + 0.05)
     assert median["triton"] <= bound, f"median bf16 logprob errors {median}, bound {bound:.3f}"
-    cap = torch.full_like(errors["triton"], WORST_CAP)
+    caps = torch.full_like(errors["triton"], WORST_CAP)
     if bf16_errors is not None:
-        cap = torch.maximum(cap, bf16_errors + 0.5)
-    assert (errors["triton"] <= cap).all(), (
-        f"per-prompt errors {errors['triton'].tolist()}, caps {cap.tolist()}")
+        caps = torch.maximum(caps, bf16_errors + 0.5)
+    assert (errors["triton"] <= caps).all(), (
+        f"per-prompt errors {errors['triton'].tolist()}, caps {caps.tolist()}, transformers "
+        f"bf16 {None if bf16_errors is None else bf16_errors.tolist()}")
 
 
 @pytest.mark.parametrize("arch", ARCHS + HYBRID_ARCHS + ("qwen3_vl_moe",))
