@@ -54,13 +54,22 @@ class Constraint:
 
 
 class Grammars:
+    """llguidance's view of the tokenizer is built on the first structured request (about 5 s
+    for a 150k-token vocabulary), not at engine start: engines that never see one never pay."""
+
     def __init__(self, tokenizer, vocab_size: int, eos_ids: frozenset[int]) -> None:
         self.vocab_size = vocab_size
         self.width = (vocab_size + 31) // 32  # int32 words of a bitmask row
         self._lock = threading.Lock()
         self._compiled: OrderedDict[StructuredOutputs, str] = OrderedDict()
+        self._hf_tokenizer, self._eos_ids = tokenizer, eos_ids
         self._tokenizer, self.problem = None, None
-        if tokenizer is None:
+        self._built = False
+
+    def _build(self) -> None:
+        """llguidance's tokenizer, once (under the lock); sets `problem` if it cannot be."""
+        self._built = True
+        if self._hf_tokenizer is None:
             self.problem = "this model has no tokenizer"
             return
         import llguidance
@@ -69,8 +78,8 @@ class Grammars:
         start = time.perf_counter()
         try:
             self._tokenizer = llguidance.hf.from_tokenizer(
-                tokenizer, n_vocab=vocab_size, eos_token=sorted(t for t in eos_ids
-                                                                 if t < vocab_size))
+                self._hf_tokenizer, n_vocab=self.vocab_size,
+                eos_token=sorted(t for t in self._eos_ids if t < self.vocab_size))
         except (ValueError, RuntimeError, TypeError) as exc:
             self.problem = f"its tokenizer is not one llguidance can read ({exc})"
             logger.warning("structured outputs are off: %s", self.problem)
@@ -78,11 +87,14 @@ class Grammars:
         self._executor = llguidance.LLExecutor()
         self._llguidance = llguidance
         logger.info("structured outputs: llguidance tokenizer of %d tokens built in %.1f s",
-                    vocab_size, time.perf_counter() - start)
+                    self.vocab_size, time.perf_counter() - start)
 
     def compile(self, spec: StructuredOutputs) -> str:
         """The checked llguidance grammar of a spec (cached); a bad one is an InvalidRequest
         naming the request field and the problem. Safe to call from any thread."""
+        with self._lock:
+            if not self._built:
+                self._build()
         if self._tokenizer is None:
             raise GrammarUnavailable(f"{spec.source}: structured outputs are not available for "
                                      f"this model: {self.problem}")
