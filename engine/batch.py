@@ -57,6 +57,7 @@ def make_plan(batch: Batch, released: list[int],
             states.setdefault(kind, []).append(slot)
         if item.samples:
             samples.append(SampleRow(row, seq.seq_id, seq.params, seq.seed,
-                                     token_mask=token_masks.get(seq.seq_id)))
+                                     token_mask=token_masks.get(seq.seq_id),
+                                     processors=seq.processors))
     return StepPlan(token_ids, positions, adapter_slots, query_lens, context_lens, tables,
                     states, samples, released)

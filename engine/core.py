@@ -16,6 +16,7 @@ from loramux.engine.lora.manager import AdapterHandle, LoraManager
 from loramux.engine.memory import MemoryPools
 from loramux.engine.outputs import RequestState
 from loramux.engine.plan import SampleResult
+from loramux.engine.processors import ProcessorParams, processor_params
 from loramux.engine.request import LoRARequest, RequestOutput, SamplingParams, TokenLogprob
 from loramux.engine.scheduler import Scheduler
 from loramux.engine.sequence import Sequence, SeqStatus
@@ -72,7 +73,8 @@ class EngineCore:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
         max_tokens = self._max_tokens(len(prompt), params)
-        seqs = [self._sequence(request_id, i, prompt, params, lora, max_tokens)
+        processors = processor_params(params, prompt, self.tokenizer, self.eos_ids, vocab)
+        seqs = [self._sequence(request_id, i, prompt, params, lora, max_tokens, processors)
                 for i in range(params.n)]
         return RequestState(request_id, list(prompt), seqs,
                             None if lora is None else lora.name)
@@ -93,18 +95,19 @@ class EngineCore:
         return max_tokens
 
     def _sequence(self, request_id: str, index: int, prompt: list[int], params: SamplingParams,
-                  lora: AdapterHandle | None, max_tokens: int) -> Sequence:
+                  lora: AdapterHandle | None, max_tokens: int,
+                  processors: ProcessorParams | None) -> Sequence:
         seed = None
         if not params.is_greedy:
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
         detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop,
                                        params.skip_special_tokens,
-                                       params.include_stop_str_in_output)
+                                       params.include_stop_str_in_output, params.min_tokens)
         constraint = (None if params.structured_outputs is None
                       else self.grammars.constraint(params.structured_outputs))
         self._next_seq_id += 1
         return Sequence(self._next_seq_id, request_id, index, list(prompt), params, lora, detok,
-                        max_tokens, seed, constraint=constraint)
+                        max_tokens, seed, constraint=constraint, processors=processors)
 
     def add(self, state: RequestState) -> None:
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
@@ -263,7 +266,7 @@ class EngineCore:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
-        if seq.seed is not None:
+        if seq.seed is not None or seq.processors is not None:  # the worker keeps state for it
             self._released.append(seq.seq_id)
 
     def _emit(self, request_id: str) -> RequestOutput:

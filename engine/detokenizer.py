@@ -11,11 +11,13 @@ class IncrementalDetokenizer:
     Text for new tokens is the difference between decoding a window that includes them and the
     same window without them; while the window ends in an incomplete character (U+FFFD) nothing
     is emitted. Stop strings truncate the text; while running, the last len(stop)-1 characters
-    are held back so a stop string is never streamed in part.
+    are held back so a stop string is never streamed in part. As in vLLM, stop strings are
+    looked for only from the token after the first `min_tokens` on, in text that ends there.
     """
 
     def __init__(self, tokenizer, prompt: list[int], stop: tuple[str, ...],
-                 skip_special_tokens: bool = True, include_stop: bool = False) -> None:
+                 skip_special_tokens: bool = True, include_stop: bool = False,
+                 min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.ids = list(prompt[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
@@ -26,6 +28,7 @@ class IncrementalDetokenizer:
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self.emitted = 0
+        self.min_ids = len(self.ids) + min_tokens  # stop strings count from the next token on
 
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
@@ -42,7 +45,7 @@ class IncrementalDetokenizer:
         start = max(0, len(self.text) - self.holdback)
         self.text += full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self._find_stop(start)
+        return self._find_stop(start) if len(self.ids) > self.min_ids else None
 
     def _find_stop(self, start: int) -> str | None:
         for stop in self.stop:

@@ -19,6 +19,9 @@ seq 9 (adapter slot 1) decodes 1 token at position 5 (blocks [2, 6]) and samples
 If seq 9 followed a grammar (structured outputs), its SampleRow would carry token_mask: the
 int32 bitmask [ceil(V / 32)] of the tokens its grammar allows next (bit j of word i: token
 32 i + j), filled on the host; the worker masks the row's logits with it before sampling.
+A row with penalties, logit_bias, min_tokens, bad_words or allowed_token_ids carries its
+request's ProcessorParams (engine/processors.py, made once per request); the worker keeps the
+sequence's output tokens for them until the plan's `released` names it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loramux.engine.lora.weights import LoraWeights
+from loramux.engine.processors import ProcessorParams
 from loramux.engine.request import SamplingParams, TokenLogprob
 
 
@@ -40,6 +44,7 @@ class SampleRow:
     params: SamplingParams
     seed: int | None  # None for greedy rows
     token_mask: torch.Tensor | None = None  # int32 [ceil(V / 32)], CPU: tokens allowed next
+    processors: ProcessorParams | None = None  # None: no logits processors (most rows)
 
 
 @dataclass(slots=True)
@@ -52,7 +57,7 @@ class StepPlan:
     block_tables: list[list[int]]
     state_slots: dict[str, list[int]] = field(default_factory=dict)
     samples: list[SampleRow] = field(default_factory=list)
-    released: list[int] = field(default_factory=list)  # seq ids done: drop their generators
+    released: list[int] = field(default_factory=list)  # seq ids done: drop generators, histories
 
     @property
     def num_seqs(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from loramux.engine.errors import InvalidRequest
@@ -78,8 +79,23 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputs | None = None
+    # logits processors (engine/processors.py), applied after any grammar mask, as vLLM's
+    presence_penalty: float = 0.0  # minus this for each token already in the output
+    frequency_penalty: float = 0.0  # minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # tokens of prompt + output: positive logits / p, others * p
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); a mapping is accepted
+    min_tokens: int = 0  # EOS and stop token ids masked, stop strings unchecked, until reached
+    bad_words: tuple[str, ...] = ()  # never produced (their last token is masked after the rest)
+    allowed_token_ids: tuple[int, ...] | None = None  # only these may be produced
 
     def __post_init__(self) -> None:
+        if isinstance(self.logit_bias, Mapping):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
+        for name in ("stop", "bad_words"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, tuple([value] if isinstance(value, str) else value))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         checks = [
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -92,12 +108,39 @@ class SamplingParams:
              f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
              f"seed must be a 64-bit signed integer, got {self.seed}"),
+            *self._processor_checks(),
         ]
         for ok, message in checks:
             if not ok:
                 raise InvalidRequest(message)
-        object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str)
-                                               else self.stop))
+
+    def _processor_checks(self) -> list[tuple[bool, str]]:
+        """vLLM's ranges; logit_bias within OpenAI's [-100, 100] (vLLM clamps, we refuse).
+        Token ids are checked against the vocabulary by the engine."""
+        bad_bias = [token for token, bias in self.logit_bias if not -100 <= bias <= 100]
+        return [
+            (-2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (not bad_bias, f"logit_bias of token ids {bad_bias} must be in [-100, 100]"),
+            (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"),
+            (all(word.strip() for word in self.bad_words),
+             "bad_words must not hold empty or blank words"),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+             "allowed_token_ids must list at least one token id"),
+        ]
+
+    @property
+    def has_processors(self) -> bool:
+        """Whether any logits processor is on (rows without pay nothing for them)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0 or self.min_tokens or self.bad_words
+                    or self.allowed_token_ids is not None)
 
     @property
     def is_greedy(self) -> bool:

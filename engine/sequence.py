@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from loramux.engine.detokenizer import IncrementalDetokenizer
+from loramux.engine.processors import ProcessorParams
 from loramux.engine.request import SamplingParams, TokenLogprob
 
 
@@ -44,6 +45,7 @@ class Sequence:
     state_slots: dict[str, int] = field(default_factory=dict)  # kind -> slot, while running
     error: Exception | None = None  # why the sequence could not run (adapter re-read failed)
     constraint: object | None = None  # engine.structured.Constraint: its grammar, if any
+    processors: ProcessorParams | None = None  # its request's logits processors, if any
 
     @property
     def num_tokens(self) -> int:

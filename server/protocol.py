@@ -78,9 +78,6 @@ class StreamOptions(_Body):
 
 # Known request fields that loramux does not implement yet, with the values that ask for nothing.
 _UNHONOURED: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}), "min_tokens": (None, 0),
-    "bad_words": (None, []), "allowed_token_ids": (None,),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
     "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
     "guided_decoding_backend": (None, "auto", "guidance"), "guided_whitespace_pattern": (None,),
@@ -164,6 +161,22 @@ class _GenerationRequest(_Body):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # logits processors (vLLM's ranges); None: the server default (--generation-config), else off
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias
+    min_tokens: int | None = Field(None, ge=0)
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        bad = [key for key in bias or {} if not key.strip().lstrip("-").isdigit()]
+        if bad:
+            raise ValueError(f"keys must be token ids (integers), got {bad[:5]}")
+        return bias
 
     @model_validator(mode="before")
     @classmethod
@@ -182,13 +195,16 @@ class _GenerationRequest(_Body):
 
     def with_defaults(self, defaults: Mapping[str, Any]) -> _GenerationRequest:
         """The request with the server's sampling defaults (--generation-config) in each field
-        the client left out; `max_tokens` only where it is still None (completions' 16 stays,
-        as in vLLM). Defaults for fields this request type lacks are not applied."""
+        the client left out or sent as null; `max_tokens` only where it is still None
+        (completions' 16 stays, as in vLLM). Defaults for fields this request type lacks are
+        not applied."""
         fields, update = type(self).model_fields, {}
         for key, value in defaults.items():
             name = self._max_tokens_field if key == "max_tokens" else key
-            if name in fields and name not in self.model_fields_set and (
-                    key != "max_tokens" or getattr(self, name) is None):
+            if name not in fields:
+                continue
+            current = getattr(self, name)
+            if current is None or (key != "max_tokens" and name not in self.model_fields_set):
                 update[name] = value
         return self.model_copy(update=update) if update else self
 
@@ -238,6 +254,13 @@ class _GenerationRequest(_Body):
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             structured_outputs=structured or self.structured_outputs_spec(),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias={int(key): value for key, value in (self.logit_bias or {}).items()},
+            min_tokens=self.min_tokens or 0, bad_words=tuple(self.bad_words or ()),
+            allowed_token_ids=(None if self.allowed_token_ids is None
+                               else tuple(self.allowed_token_ids)),
         )
 
 

@@ -1,4 +1,10 @@
-"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-sequence seeds, logprobs."""
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-sequence seeds, logprobs.
+
+A row's logits go through its grammar mask (structured outputs), then its logits processors
+(penalties, logit_bias, min_tokens, bad_words, allowed_token_ids), then temperature and the
+top-k / top-p / min-p filters. Logprobs are taken after the grammar mask and before the
+processors: vLLM's default logprobs_mode, raw_logprobs.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import torch
 
 from loramux.engine.plan import SampleResult
 from loramux.engine.request import SamplingParams, TokenLogprob
+from loramux.engine.worker.logits_processors import ProcessedRow, apply_processors
 from loramux.engine.worker.token_mask import apply_token_masks
 
 
@@ -37,28 +44,32 @@ class Sampler:
     """Chooses one token per row. Greedy rows share one argmax; sampled rows use their own
     generator when seeded, so a seeded sequence is reproducible whatever it is batched with.
     A row whose logits are not all finite is sampled as zeros and reported in `finite`.
-    A row with a token mask (structured outputs) chooses among its allowed tokens only.
+    A row with a token mask (structured outputs) chooses among its allowed tokens only; the
+    rows in `processed` go through their logits processors.
     """
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None],
-                 token_masks: list[torch.Tensor | None] | None = None) -> SampleResult:
+                 token_masks: list[torch.Tensor | None] | None = None,
+                 processed: list[ProcessedRow] | None = None) -> SampleResult:
         finite = torch.isfinite(logits).all(dim=-1)  # [B]
-        logits = torch.where(finite[:, None], logits, 0.0)
+        raw = torch.where(finite[:, None], logits, 0.0)
         if token_masks is not None:
-            apply_token_masks(logits, token_masks)
+            apply_token_masks(raw, token_masks)
+        logits = apply_processors(raw, processed) if processed else raw
         chosen = torch.argmax(logits, dim=-1)
         for row, (p, gen) in enumerate(zip(params, generators)):
             if not p.is_greedy:
                 chosen[row] = _draw(_filter(logits[row], p), gen)
         token_ids = chosen.tolist()
-        return SampleResult(token_ids, self._logprobs(logits, chosen, token_ids, params),
+        return SampleResult(token_ids, self._logprobs(raw, chosen, token_ids, params),
                             finite.tolist())
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, token_ids: list[int],
                   params: list[SamplingParams]) -> list[TokenLogprob | None]:
-        """Log-probabilities of the model's distribution (before sampling filters), as vLLM."""
+        """Log-probabilities of the model's distribution after any grammar mask, before the
+        processors and sampling filters (vLLM's raw_logprobs)."""
         want = [p.logprobs for p in params]
         if all(k is None for k in want):
             return [None] * len(params)

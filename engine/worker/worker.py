@@ -1,10 +1,11 @@
 """Worker: owns everything on the device and executes StepPlans.
 
 The model and its weights, the per-sequence memory it declares (KV caches, states), the adapter
-slot buffers, the step input buffers, the decode CUDA graphs, the sampler and each sequence's
-torch.Generator. Nothing else crosses: AdapterOps and StepPlans come in (engine/plan.py),
-SampleResults go out. Build it, size memory with `plan_memory` (or take a plan made elsewhere),
-`allocate(plan)`, then per step `apply(ops)` and `execute(plan)`.
+slot buffers, the step input buffers, the decode CUDA graphs, the sampler, each sequence's
+torch.Generator and, for sequences with logits processors, their output tokens. Nothing else
+crosses: AdapterOps and StepPlans come in (engine/plan.py), SampleResults go out. Build it,
+size memory with `plan_memory` (or take a plan made elsewhere), `allocate(plan)`, then per step
+`apply(ops)` and `execute(plan)`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from loramux.engine.model.forward import ForwardContext
 from loramux.engine.plan import AdapterOp, SampleResult, SampleRow, StepPlan, WriteAdapter
 from loramux.engine.worker.cuda_graphs import DecodeGraphs
 from loramux.engine.worker.inputs import StepInputs
+from loramux.engine.worker.logits_processors import OutputHistory
 from loramux.engine.worker.memory import allocate_memory
 from loramux.engine.worker.sampler import Sampler
 from loramux.kernels import select_ops
@@ -60,6 +62,7 @@ class Worker:
         self.native_layout = load_weights(self.model, config.model, config.load_format)
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
+        self._histories: dict[int, OutputHistory] = {}
         self.inputs: StepInputs | None = None
         self.graphs: DecodeGraphs | None = None
 
@@ -97,6 +100,7 @@ class Worker:
         """Run one step; returns the sampled tokens of the plan's sampling rows, in order."""
         for seq_id in plan.released:
             self._generators.pop(seq_id, None)
+            self._histories.pop(seq_id, None)
         bucket = None if self.graphs is None else self.graphs.bucket(plan)
         ctx, input_ids, num_rows = self.inputs.prepare(plan, bucket)
         if bucket is None:
@@ -109,9 +113,18 @@ class Worker:
             return None
         out = out[self.inputs.logits_rows(num_rows)]
         logits = self.model.compute_logits(out) if bucket is None else out
-        return self.sampler(logits, [row.params for row in plan.samples],
-                            [self._generator(row) for row in plan.samples],
-                            [row.token_mask for row in plan.samples])
+        return self._sample(logits, plan.samples)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
+        """Sample every row; rows with processors get their sampled token in their history."""
+        processed = [(i, row.processors, self._histories.setdefault(row.seq_id, OutputHistory()))
+                     for i, row in enumerate(rows) if row.processors is not None]
+        result = self.sampler(logits, [row.params for row in rows],
+                              [self._generator(row) for row in rows],
+                              [row.token_mask for row in rows], processed)
+        for i, _, history in processed:
+            history.append(result.token_ids[i])
+        return result
 
     def _generator(self, row: SampleRow) -> torch.Generator | None:
         """The sequence's generator, seeded on its first draw (None for greedy rows)."""

@@ -142,3 +142,22 @@ def test_stop_string_is_never_streamed_in_part():
         if stop:
             break
     assert stop == "END" and streamed == "abcENx"
+
+
+def test_stop_strings_count_only_after_min_tokens():
+    """As vLLM: a stop string is looked for once the output is longer than min_tokens, in text
+    that ends in the new tokens (it may begin earlier)."""
+    class Chars:  # one character per token id
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+    def first_stop(text: str, min_tokens: int) -> tuple[int, str | None]:
+        detok = IncrementalDetokenizer(Chars(), prompt=[], stop=("ab",), min_tokens=min_tokens)
+        for n, ch in enumerate(text, 1):
+            if detok.add(ord(ch)):
+                return n, detok.text
+        return len(text), None
+
+    assert first_stop("xabyyabz", 0) == (3, "x")
+    assert first_stop("xabyyabz", 3) == (7, "xabyy")  # "ab" within the first 3 is not a stop
+    assert first_stop("xabyyabz", 2) == (3, "x")  # ends in the third token: counted

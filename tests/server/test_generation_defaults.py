@@ -93,3 +93,14 @@ def test_chat_template_is_a_file_or_the_template_itself(tmp_path):
     assert load_chat_template(None) is None
     with pytest.raises(SettingsError, match="looks like a file path"):
         load_chat_template(str(tmp_path / "missing.jinja"))
+
+
+def test_penalty_defaults_apply_where_the_client_leaves_them_out_or_null():
+    defaults = {"repetition_penalty": 1.05, "presence_penalty": 0.5}
+    body = {"model": "m", "prompt": "x", "presence_penalty": None}
+    params = CompletionRequest.model_validate(body).with_defaults(defaults).sampling_params()
+    assert (params.repetition_penalty, params.presence_penalty) == (1.05, 0.5)
+    body = {"model": "m", "prompt": "x", "repetition_penalty": 1.0, "presence_penalty": 0}
+    params = CompletionRequest.model_validate(body).with_defaults(defaults).sampling_params()
+    assert (params.repetition_penalty, params.presence_penalty) == (1.0, 0.0)
+    assert unapplied_defaults(defaults) == []
