@@ -49,6 +49,7 @@ class EngineCore:
         self.requests: dict[str, RequestState] = {}
         self._next_seq_id = 0
         self._released: list[int] = []  # finished sequences the worker has not been told of
+        self.steps_total = 0  # steps that ran the model
         logger.info("engine ready: %s (%s, %s) on %s, max_model_len %d, LoRA slots %d",
                     Path(config.model).name, self.model_config.architecture, self.worker.dtype,
                     self.worker.device, self.max_model_len, config.lora.num_slots)
@@ -160,7 +161,7 @@ class EngineCore:
             running_lora_adapters=sorted({a for a in running.values() if a}),
             waiting_lora_adapters=sorted({a for a in waiting.values() if a}),
             max_loras=self.config.lora.num_slots, slots_used=self.pools.adapters.num_used,
-            preemptions_total=sched.num_preemptions)
+            preemptions_total=sched.num_preemptions, steps_total=self.steps_total)
         if self.lora is not None:
             stats.adapter_loads_total = self.lora.loads_total
             stats.adapter_evictions_total = self.lora.evictions_total
@@ -186,6 +187,7 @@ class EngineCore:
             plan = make_plan(batch, self._released, self._token_masks(batch))
             self._released = []
             touched |= self._update(batch, self.worker.execute(plan))
+            self.steps_total += 1
         return [self._emit(rid) for rid in touched if rid in self.requests]
 
     def _token_masks(self, batch: Batch) -> dict[int, object]:

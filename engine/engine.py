@@ -99,7 +99,7 @@ class Engine:
     async def add_lora(self, req: LoRARequest) -> None:
         manager = self._lora()
         manager.check_new(req)
-        adapter = await asyncio.get_running_loop().run_in_executor(None, manager.read, req)
+        adapter = await asyncio.wrap_future(manager.read_later(req))
         manager.register(req, adapter)
 
     async def remove_lora(self, name: str) -> None:

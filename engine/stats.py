@@ -20,4 +20,5 @@ class EngineStats:
     adapter_loads_total: int = 0
     adapter_evictions_total: int = 0
     preemptions_total: int = 0
+    steps_total: int = 0  # steps that ran the model
     is_alive: bool = True

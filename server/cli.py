@@ -21,6 +21,8 @@ from loramux.server.reasoning import PARSERS as REASONING_PARSERS
 from loramux.server.settings import (
     API_KEY_ENV,
     DEMO_SERVED_NAME,
+    PLUGINS_ENV,
+    RESOLVER_DIR_ENV,
     RUNTIME_LORA_ENV,
     LoraModule,
     Settings,
@@ -195,9 +197,13 @@ def _add_lora_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-lora-roots", nargs="+", type=Path, default=[], metavar="DIR",
                    help="runtime loads must name a path under one of these directories "
                         "(symlinks resolved; default: any path)")
+    g.add_argument("--lora-resolver-dir", type=Path, default=None, metavar="DIR",
+                   help="load an adapter on its first request: `model` NAME not loaded yet is "
+                        "read from DIR/NAME (one subdirectory per adapter; links must stay in "
+                        f"DIR). vLLM's spelling: ${RESOLVER_DIR_ENV} with ${RUNTIME_LORA_ENV}=1")
     g.add_argument("--redact-paths", action=argparse.BooleanOptionalAction, default=None,
                    help="keep absolute server paths out of error messages and /v1/models "
-                        "(default: on with --allowed-lora-roots)")
+                        "(default: on with --allowed-lora-roots or --lora-resolver-dir)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,8 +251,33 @@ def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(key for key in keys if key)
 
 
+def _resolver_plugin_on() -> bool:
+    """vLLM loads its lora_filesystem_resolver plugin when VLLM_PLUGINS is unset or names it."""
+    plugins = os.environ.get(PLUGINS_ENV)
+    return plugins is None or "lora_filesystem_resolver" in plugins.replace(" ", "").split(",")
+
+
+def _resolver_dir(args: argparse.Namespace, runtime_updating: bool) -> Path | None:
+    """--lora-resolver-dir, else vLLM's filesystem resolver convention: its directory in
+    VLLM_LORA_RESOLVER_CACHE_DIR, consulted only with runtime LoRA updating on."""
+    if args.lora_resolver_dir is not None:
+        return args.lora_resolver_dir
+    env = os.environ.get(RESOLVER_DIR_ENV, "").strip()
+    return Path(env) if env and runtime_updating and _resolver_plugin_on() else None
+
+
+def resolver_env_ignored(settings: Settings) -> str | None:
+    """The warning when vLLM's resolver directory is set but, as in vLLM, not consulted."""
+    if (os.environ.get(RESOLVER_DIR_ENV, "").strip() and settings.lora_resolver_dir is None
+            and _resolver_plugin_on()):
+        return (f"{RESOLVER_DIR_ENV} is ignored without {RUNTIME_LORA_ENV}=1 (as in vLLM); "
+                "--lora-resolver-dir DIR needs no other setting")
+    return None
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     model = _model(args)
+    runtime_updating = args.allow_runtime_lora_updating or env_flag(RUNTIME_LORA_ENV)
     try:
         override = parse_override(args.override_generation_config or "{}")
     except GenerationConfigError as exc:
@@ -272,9 +303,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_cpu_loras=args.max_cpu_loras,
         enable_mixed_moe_lora_format=args.enable_mixed_moe_lora_format,
         lora_modules=tuple(args.lora_modules),
-        allow_runtime_lora_updating=args.allow_runtime_lora_updating or env_flag(
-            RUNTIME_LORA_ENV),
-        allowed_lora_roots=tuple(args.allowed_lora_roots), redact_paths=args.redact_paths,
+        allow_runtime_lora_updating=runtime_updating,
+        allowed_lora_roots=tuple(args.allowed_lora_roots),
+        lora_resolver_dir=_resolver_dir(args, runtime_updating), redact_paths=args.redact_paths,
     )
     if model is None:
         fields.update(_demo_overrides(args))
@@ -288,4 +319,5 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
     except (SettingsError, FlagRefused) as exc:
         sys.exit(f"loramux: error: {exc}")
-    return run(settings, warnings)
+    ignored = resolver_env_ignored(settings)
+    return run(settings, [*warnings, ignored] if ignored else warnings)

@@ -117,6 +117,8 @@ class EngineStatsCollector(Collector):
         yield _counter("loramux_preemptions", "Requests preempted for KV space.",
                        s.preemptions_total)
         yield _gauge("loramux_engine_alive", "1 while the engine loop runs.", int(s.is_alive))
+        yield _counter("loramux_engine_steps", "Engine steps that ran the model.",
+                       s.steps_total)
         residency = GaugeMetricFamily("loramux_adapter_residency",
                                       "1 for the tier (gpu, cpu, disk) holding each adapter.",
                                       labels=["adapter", "tier"])

@@ -1,4 +1,5 @@
-"""The names clients may put in `model`: the base model's served names and loaded adapters.
+"""The names clients may put in `model`: the base model's served names, loaded adapters, and
+(with --lora-resolver-dir) adapters loaded on their first request by server/resolver.py.
 
 The engine holds the adapters (engine.list_loras() is the truth; the engine assigns their
 lora_int_ids); this module resolves names, confines runtime loads to --allowed-lora-roots (the
@@ -19,6 +20,7 @@ from loramux.server.errors import ApiError, model_not_found
 from loramux.server.metrics import ServerMetrics
 from loramux.server.protocol import LoadLoRAAdapterRequest
 from loramux.server.redaction import PathRedactor
+from loramux.server.resolver import AdapterResolver
 from loramux.server.responses import ModelCard
 from loramux.server.settings import LoraModule, Settings
 
@@ -29,17 +31,22 @@ class ModelRegistry:
         self.engine, self.settings, self.metrics = engine, settings, metrics
         self.redactor = redactor
         self.roots = tuple(root.resolve() for root in settings.allowed_lora_roots)
+        self.resolver = (None if settings.lora_resolver_dir is None else
+                         AdapterResolver(settings.lora_resolver_dir, engine, metrics.track))
         for name in settings.served_model_names:
             metrics.track(name)
 
     def _adapters(self) -> dict[str, LoRARequest]:
         return {lora.lora_name: lora for lora in self.engine.list_loras()}
 
-    def resolve(self, model: str) -> str | None:
-        """The adapter a request runs with: None for the base model; 404 for unknown names."""
+    async def resolve(self, model: str) -> str | None:
+        """The adapter a request runs with: None for the base model; 404 for unknown names
+        (after the resolver directory, if any, had no adapter of that name either)."""
         if model in self.settings.served_model_names:
             return None
         if model in self._adapters():
+            return model
+        if self.resolver is not None and await self.resolver.load(model):
             return model
         raise model_not_found(model, self.settings.base_name)
 

@@ -17,6 +17,8 @@ from loramux.server.generation_defaults import (
 )
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+RESOLVER_DIR_ENV = "VLLM_LORA_RESOLVER_CACHE_DIR"  # vLLM's lora_filesystem_resolver directory
+PLUGINS_ENV = "VLLM_PLUGINS"
 API_KEY_ENV = "VLLM_API_KEY"
 DEMO_SERVED_NAME = "demo"
 
@@ -127,7 +129,8 @@ class Settings:
     lora_modules: tuple[LoraModule, ...] = ()
     allow_runtime_lora_updating: bool = False
     allowed_lora_roots: tuple[Path, ...] = ()
-    redact_paths: bool | None = None  # None: on when allowed_lora_roots is set
+    lora_resolver_dir: Path | None = None  # adapters loaded on their first request, by name
+    redact_paths: bool | None = None  # None: on with allowed_lora_roots or lora_resolver_dir
     max_request_body_bytes: int | None = None  # None: admission.default_max_body_bytes
     shutdown_timeout: float = 30.0
     # derived in __post_init__: request defaults (--generation-config) and the template text
@@ -153,6 +156,13 @@ class Settings:
         for root in self.allowed_lora_roots:
             if not root.is_dir():
                 raise SettingsError(f"--allowed-lora-roots: {root} is not a directory")
+        if self.lora_resolver_dir is not None:
+            if not self.enable_lora:
+                raise SettingsError(f"--lora-resolver-dir (or {RESOLVER_DIR_ENV}) needs "
+                                    "--enable-lora")
+            if not self.lora_resolver_dir.is_dir():
+                raise SettingsError(f"--lora-resolver-dir (or {RESOLVER_DIR_ENV}): "
+                                    f"{self.lora_resolver_dir} is not a directory")
         try:
             config = read_generation_config(self.generation_config, self.model)
         except GenerationConfigError as exc:
@@ -163,7 +173,10 @@ class Settings:
 
     @property
     def hides_paths(self) -> bool:
-        return bool(self.allowed_lora_roots) if self.redact_paths is None else self.redact_paths
+        """Clients that only name adapters (resolver) or are confined to roots learn no paths."""
+        if self.redact_paths is not None:
+            return self.redact_paths
+        return bool(self.allowed_lora_roots) or self.lora_resolver_dir is not None
 
     @property
     def base_name(self) -> str:

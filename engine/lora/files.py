@@ -103,8 +103,9 @@ class AdapterFiles:
     def _confine(self, resolved: str, what: str) -> None:
         if self.roots and not any(os.path.commonpath((resolved, root)) == root
                                   for root in self.roots):
-            raise AdapterPathForbidden(f"{what} resolves outside the directories allowed by "
-                                       "--allowed-lora-roots")
+            raise AdapterPathForbidden(f"{what} resolves outside the directories adapters may "
+                                       "be read from (--allowed-lora-roots, or the "
+                                       "--lora-resolver-dir of adapters loaded by name)")
 
     def _check_opened(self, fd: int, resolved: str, what: str) -> None:
         """The opened file is the checked one (a directory swapped meanwhile is caught)."""

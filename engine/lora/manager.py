@@ -90,6 +90,11 @@ class LoraManager:
             allow_mixed=self.config.enable_mixed_moe_lora_format, dtype=self.dtype,
             base_model=self.base_model, allowed_roots=req.allowed_roots, expected=expected)
 
+    def read_later(self, req: LoRARequest, expected: Fingerprint | None = None) -> Future:
+        """read() on the reader thread. One thread for every read (first loads and re-reads):
+        a read is mostly Python holding the GIL, so reads in parallel would slow the steps."""
+        return self._reader.submit(self.read, req, expected)
+
     def check_new(self, req: LoRARequest) -> None:
         with self._lock:
             if req.lora_name in self._registry and not req.load_inplace:
@@ -188,8 +193,7 @@ class LoraManager:
         """
         future = self._loading.get(handle.key)
         if future is None:
-            self._loading[handle.key] = self._reader.submit(self.read, handle.request,
-                                                            handle.fingerprint)
+            self._loading[handle.key] = self.read_later(handle.request, handle.fingerprint)
             self.disk_reads_total += 1
             return None
         if not future.done():

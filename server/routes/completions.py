@@ -35,7 +35,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], respon
 
 @router.post("/completions", responses=event_stream(CompletionResponse, CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request, state: State):
-    lora = state.models.resolve(body.model)
+    lora = await state.models.resolve(body.model)
     body = body.with_defaults(state.settings.sampling_defaults)
     tokenizer, response_id = state.engine.tokenizer, random_id("cmpl")
     max_tokens = body.sampling_params().max_tokens
@@ -49,7 +49,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
 @router.post("/chat/completions",
              responses=event_stream(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
-    lora = state.models.resolve(body.model)
+    lora = await state.models.resolve(body.model)
     body = body.with_defaults(state.settings.sampling_defaults)
     params = _chat_params(body, state)
     prompt_ids = await state.prompts.chat(body.messages, body.chat_template_kwargs,

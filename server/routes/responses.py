@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], respon
 
 @router.post("/responses", responses=event_stream(None, ResponseEvent))
 async def create_response(body: ResponsesRequest, request: Request, state: State):
-    lora = state.models.resolve(body.model)
+    lora = await state.models.resolve(body.model)
     body = body.with_defaults(state.settings.sampling_defaults)
     params = body.sampling_params()
     prompt_ids = await state.prompts.chat(body.messages(), None, params.max_tokens)

@@ -59,9 +59,9 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-def _check_model(state: ServerState, model: str | None) -> None:
+async def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None:
-        state.models.resolve(model)
+        await state.models.resolve(model)
 
 
 def _encode(tokenizer, body: TokenizeCompletionRequest | TokenizeChatRequest,
@@ -77,7 +77,7 @@ def _encode(tokenizer, body: TokenizeCompletionRequest | TokenizeChatRequest,
 @router.post("/tokenize")
 async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest,
                    state: State) -> TokenizeResponse:
-    _check_model(state, body.model)
+    await _check_model(state, body.model)
     tokenizer = state.engine.tokenizer
     ids = await run_in_threadpool(_encode, tokenizer, body, state.prompts.chat_template)
     strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
@@ -87,7 +87,7 @@ async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest,
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, state: State) -> DetokenizeResponse:
-    _check_model(state, body.model)
+    await _check_model(state, body.model)
     tokenizer = state.engine.tokenizer
     check_token_ids(tokenizer, body.tokens, "tokens")
     return DetokenizeResponse(prompt=await run_in_threadpool(tokenizer.decode, body.tokens))

@@ -16,9 +16,9 @@ VLLM_FLAGS = ("--host", "--port", "--served-model-name", "--dtype", "--device",
               "--max-model-len", "--max-num-seqs", "--enable-lora", "--max-loras",
               "--max-lora-rank", "--max-cpu-loras", "--lora-modules",
               "--enable-mixed-moe-lora-format", "--api-key", "--load-format")
-OUR_FLAGS = ("--allowed-lora-roots", "--allow-runtime-lora-updating", "--block-size",
-             "--num-kv-blocks", "--kv-cache-memory-gb", "--seed", "--max-num-batched-tokens",
-             "--log-level", "--kernel-backend")
+OUR_FLAGS = ("--allowed-lora-roots", "--lora-resolver-dir", "--allow-runtime-lora-updating",
+             "--block-size", "--num-kv-blocks", "--kv-cache-memory-gb", "--seed",
+             "--max-num-batched-tokens", "--log-level", "--kernel-backend")
 
 
 def serve_parser() -> argparse.ArgumentParser:
