@@ -18,7 +18,7 @@ from loramux.kernels.gated_delta import causal_conv1d, gated_delta_rule
 from loramux.kernels.meta import LoraMeta
 
 __all__ = ["MoeLora", "causal_conv1d", "fused_experts", "gated_delta_rule", "lora_delta",
-           "paged_decode_attention"]
+           "paged_decode_attention", "paged_prefill_attention"]
 
 # The twins read device values on the host (unique, nonzero), so a CUDA graph cannot hold them.
 CUDA_GRAPH_SAFE = False
@@ -196,3 +196,55 @@ def paged_decode_attention(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None], scale=scale)
     out = out.reshape(num_seqs, num_heads, head_dim)
     return out.masked_fill((seq_lens == 0)[:, None, None], 0.0)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached context (prefill, chunked
+    prefill and decode rows alike).
+
+    Semantics:
+        bs = block_size; g(h) = h // (N / G); for sequence b: L = seq_lens[b],
+        its new tokens are rows query_start[b] <= t < query_start[b + 1] (q_len of them), and
+        new token j sits at position p = L - q_len + j
+        for j < L: K[j] = k_cache[block_tables[b, j // bs], j % bs, g(h)]  (V alike)
+        out[t, h] = softmax(scale * K[:p + 1] @ q[t, h]) @ V[:p + 1]
+    Args:
+        q:             [T, N, D]    the new tokens of all sequences, sequence after sequence
+        k_cache:       [num_blocks, block_size, G, D], v_cache alike; already holding this
+                       step's K/V
+        block_tables:  [B, W] int32
+        query_start:   [B + 1] int32 offsets of each sequence's rows in q
+        seq_lens:      [B] int32     context length including this step's tokens (>= q_len)
+        max_query_len: the largest q_len (sizes the Triton grid; unused here)
+        scale:         softmax scale
+    Returns:
+        [T, N, D] in q.dtype
+
+    One SDPA call per sequence over exactly its first L cached rows (nothing else of the cache
+    is read), with the causal mask aligned bottom-right.
+    """
+    del max_query_len
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    starts, lens = query_start.tolist(), seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        start, end = starts[b], starts[b + 1]
+        blocks = block_tables[b, :-(-seq_len // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)[None]  # [1, G, L, D]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+        qi = q[start:end].transpose(0, 1)[None]  # [1, N, q_len, D]
+        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        oi = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale,
+                                            enable_gqa=True)
+        out[start:end] = oi[0].transpose(0, 1)
+    return out

@@ -18,10 +18,11 @@ from loramux.kernels.meta import LoraMeta
 from loramux.kernels.moe import gemm_config, moe_gemm
 from loramux.kernels.moe_align import moe_align, needs_alignment
 from loramux.kernels.moe_lora import moe_lora_delta
+from loramux.kernels.prefill_attention import paged_prefill_attention
 from loramux.kernels.reference import MoeLora
 
 __all__ = ["causal_conv1d", "fused_experts", "gated_delta_rule", "lora_delta",
-           "paged_decode_attention"]
+           "paged_decode_attention", "paged_prefill_attention"]
 
 # Every op launches a fixed grid and reads no device value on the host: CUDA graphs may hold them.
 CUDA_GRAPH_SAFE = True

@@ -2,9 +2,9 @@
 
 Each step writes the new tokens' K/V into the cache at `slot_mapping`, then every sequence's
 queries (the last q_len positions of a seq_len context) attend over the K/V gathered from its
-block table. Decode-only steps (one query per sequence) go to ops.paged_decode_attention (a
-Triton kernel, or its torch twin); steps with prefill loop over sequences here, in torch,
-with causal masking bottom-right aligned (prefill, chunked prefill and decode alike).
+block table. Decode-only steps (one query per sequence) go to ops.paged_decode_attention,
+steps with prefill to ops.paged_prefill_attention (causal masking bottom-right aligned:
+prefill, chunked prefill and decode rows alike); each is a Triton kernel or its torch twin.
 GQA: query head h reads KV head h // (num_heads // num_kv_heads).
 Shape letters: T tokens, N query heads, G KV heads, D head dim, L context length.
 """
@@ -15,11 +15,10 @@ import logging
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from loramux.engine.model.forward import AttentionMeta, ForwardContext
+from loramux.engine.model.forward import ForwardContext
 from loramux.engine.config import ModelConfig
 from loramux.engine.memory.specs import PagedKV
 from loramux.engine.model.layers import RMSNorm, apply_rope
@@ -37,39 +36,6 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     """Store k, v [T, G, D] at flat slots [T] of caches [num_blocks, block_size, G, D]."""
     k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
-
-
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first seq_len cached rows of one sequence: [G, L, D]."""
-    rows = cache[blocks].flatten(0, 1)[:seq_len]  # [L, G, D]
-    return rows.transpose(0, 1)
-
-
-def _causal_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    """[q_len, L] bool: query j sits at position seq_len - q_len + j and sees keys <= it."""
-    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)
-    return torch.arange(seq_len, device=device)[None, :] <= q_pos[:, None]
-
-
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMeta, scale: float) -> torch.Tensor:
-    """q [T, N, D] -> [T, N, D], each sequence over its cached context, one SDPA call per
-    sequence (the path of steps with prefill; decode-only steps use ops.paged_decode_attention)."""
-    out = torch.empty_like(q)
-    block_size = k_cache.shape[1]
-    start = 0
-    for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
-        num_blocks = -(-seq_len // block_size)
-        blocks = meta.block_tables[i, :num_blocks]
-        k = _gather(k_cache, blocks, seq_len)[None]  # [1, G, L, D]
-        v = _gather(v_cache, blocks, seq_len)[None]
-        qi = q[start:start + q_len].transpose(0, 1)[None]  # [1, N, q_len, D]
-        mask = None if q_len == 1 else _causal_mask(q_len, seq_len, q.device)
-        oi = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale,
-                                            enable_gqa=True)
-        out[start:start + q_len] = oi[0].transpose(0, 1)
-        start += q_len
-    return out
 
 
 class Attention(nn.Module):
@@ -150,7 +116,9 @@ class Attention(nn.Module):
                 out = self.ops.paged_decode_attention(q, self.k_cache, self.v_cache,
                                                       attn.block_tables, attn.seq_lens, self.scale)
             else:
-                out = paged_attention(q, self.k_cache, self.v_cache, attn, self.scale)
+                out = self.ops.paged_prefill_attention(
+                    q, self.k_cache, self.v_cache, attn.block_tables, attn.query_start,
+                    attn.seq_lens, max(attn.query_lens_host), self.scale)
         out = out.flatten(1)
         if gate is not None:
             out = out * torch.sigmoid(gate)
