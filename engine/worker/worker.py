@@ -18,6 +18,7 @@ import torch
 
 from loramux.engine.config import EngineConfig, ModelConfig, parse_dtype
 from loramux.engine.memory import MemoryPlan, device_budget, plan_memory
+from loramux.engine.memory.plan import state_kinds
 from loramux.engine.model import build_model, load_weights
 from loramux.engine.model.forward import ForwardContext
 from loramux.engine.plan import AdapterOp, SampleResult, SampleRow, StepPlan, WriteAdapter
@@ -25,6 +26,7 @@ from loramux.engine.worker.cuda_graphs import DecodeGraphs
 from loramux.engine.worker.inputs import StepInputs
 from loramux.engine.worker.logits_processors import OutputHistory
 from loramux.engine.worker.memory import allocate_memory
+from loramux.engine.worker.profile_run import largest_step
 from loramux.engine.worker.sampler import Sampler
 from loramux.kernels import select_ops
 
@@ -65,14 +67,54 @@ class Worker:
         self._histories: dict[int, OutputHistory] = {}
         self.inputs: StepInputs | None = None
         self.graphs: DecodeGraphs | None = None
+        self.activation_bytes = 0  # what the memory plan left for activations (profile run)
 
     def plan_memory(self) -> MemoryPlan:
-        """Size every pool from what the model declares and the device memory left now."""
+        """Size every pool from what the model declares and the device memory left now, less
+        the activations of the largest step (measured by a profile run on CUDA)."""
         specs = [module.memory_spec() for module in self.model.memory_modules()]
-        return plan_memory(specs, self.config.cache, device_budget(self.config.cache,
-                                                                   self.device),
-                           self.max_model_len, self.config.scheduler.max_num_seqs,
-                           self.num_adapter_slots)
+        trial_bytes = activations = 0
+        if self.device.type == "cuda":  # elsewhere the budget is a setting, not what is free
+            trial_bytes, activations = self.profile_run(list(state_kinds(specs)))
+        self.activation_bytes = activations
+        # the trial pools count as used until allocate() replaces them: add them back
+        budget = device_budget(self.config.cache, self.device) + trial_bytes - activations
+        plan = plan_memory(specs, self.config.cache, budget, self.max_model_len,
+                           self.config.scheduler.max_num_seqs, self.num_adapter_slots)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        logger.info("memory plan: weights %.2f GiB, %d adapter slots %.2f GiB, activations "
+                    "%.2f GiB (profile run of a %d-token step), %s", weights / 2**30,
+                    self.num_adapter_slots,
+                    self.num_adapter_slots * self.model.adapter_slot_bytes() / 2**30,
+                    activations / 2**30, self.config.scheduler.max_num_batched_tokens,
+                    plan.describe())
+        return plan
+
+    @torch.inference_mode()
+    def profile_run(self, kinds: list[str]) -> tuple[int, int]:
+        """Run the largest step the scheduler may build (engine/worker/profile_run.py) on
+        throwaway pools; returns the pools' bytes and the step's peak activation bytes (0 off
+        CUDA, where memory is not measured). The pools stay bound until `allocate`."""
+        sched = self.config.scheduler
+        memory, step = largest_step(sched.max_num_batched_tokens, sched.max_num_seqs,
+                                    self.max_model_len, self.config.cache.block_size, kinds,
+                                    self.num_adapter_slots)
+        trial_bytes = allocate_memory(self.model.memory_modules(), memory, self.device)
+        self.inputs = StepInputs(memory, sched.max_num_batched_tokens, sched.max_num_seqs,
+                                 self.max_model_len, self.num_adapter_slots, self.device)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        self.execute(step)
+        self.inputs = None
+        if not cuda:
+            return trial_bytes, 0
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        return trial_bytes, peak
 
     def allocate(self, plan: MemoryPlan) -> None:
         """Allocate the planned memory and the step buffers, and capture the decode graphs."""
