@@ -152,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=48)
-    parser.add_argument("--batches", nargs="+", default=["64x128", "16x512", "4x2048", "1x8192"],
+    parser.add_argument("--batches", nargs="+", default=[(64, 128), (16, 512), (4, 2048), (1, 8192)],
                         type=lambda s: tuple(int(x) for x in s.split("x")),
                         help="prompts x tokens per batch")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
