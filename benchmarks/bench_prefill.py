@@ -173,7 +173,7 @@ def main() -> None:
     peak = matmul_tflops()
     longest = max(length for _, length in args.batches)
     loras = write_adapters(root, config, args.lora)
-    llm = make_llm(root, config, args, max(longest, 4096))
+    llm = make_llm(root, config, args, max(longest + 16, 4096))
     rows = []
     for prompts, length in args.batches:
         prefill(llm, prompts, length, loras, f"warm{prompts}x{length}")

@@ -8,8 +8,10 @@ them. New token j of a sequence with context length L and q_len new tokens sits 
 L - q_len + j and sees the positions up to it (causal within the new tokens, full over the
 cached ones): the program walks the context BLOCK_N positions at a time, only up to its last
 token's position, looks each position's block up in the block table, and keeps an online
-softmax in fp32. Lanes past a row's limit load zeros and score -inf, so no mask is materialised
-and nothing past a sequence's length is read into a result. Memory is O(tile), whatever L is.
+softmax in fp32. The key tiles before the tile's first position are visible to every row and
+run unmasked; on the rest, lanes past a row's limit load zeros and score -inf, so no mask is
+materialised and nothing past a sequence's length is read into a result. Memory is O(tile),
+whatever L is.
 """
 
 from __future__ import annotations
@@ -23,6 +25,40 @@ import triton.language as tl
 from loramux.kernels._utils import dot_precision, dot_width
 
 LAUNCH = dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
+
+
+@triton.jit
+def _attend(acc, m, l, q, q_pos, k_ptr, v_ptr, table, start, stop, offs_n, offs_d, d_mask,
+            qk_scale, block_size, kv_head, stride_kb, stride_ks, stride_kg, stride_vb,
+            stride_vs, stride_vg, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """Online-softmax update over key positions [start, stop). MASKED: some lane may lie past
+    `stop` or after a row's position (the diagonal tiles); else every lane is visible."""
+    for first_key in range(start, stop, BLOCK_N):
+        pos = first_key + offs_n
+        if MASKED:
+            n_mask = pos < stop
+            block = tl.load(table + pos // block_size, mask=n_mask, other=0).to(tl.int64)
+            nd_mask = n_mask[:, None] & d_mask[None, :]
+        else:
+            block = tl.load(table + pos // block_size).to(tl.int64)
+            nd_mask = d_mask[None, :]
+        offset = pos % block_size
+        k_rows = k_ptr + block * stride_kb + offset * stride_ks + kv_head * stride_kg
+        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
+        # scores in log2 units: qk_scale = scale * log2(e)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: position 0 is always visible
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v_rows = v_ptr + block * stride_vb + offset * stride_vs + kv_head * stride_vg
+        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+    return acc, m, l
 
 
 @triton.jit
@@ -60,29 +96,18 @@ def _paged_prefill_kernel(
                 mask=md_mask, other=0.0)
     q_pos = seq_len - q_len + tok  # [BLOCK_M] position of each row's token
     end = tl.minimum(seq_len, seq_len - q_len + first + BLOCK_Q)  # past the last row's position
+    full = (seq_len - q_len + first) // BLOCK_N * BLOCK_N  # keys before it: visible to all rows
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     table = block_tables_ptr + seq * stride_tb
-    for start in range(0, end, BLOCK_N):
-        pos = start + offs_n
-        n_mask = pos < end
-        block = tl.load(table + pos // block_size, mask=n_mask, other=0).to(tl.int64)
-        offset = pos % block_size
-        nd_mask = n_mask[:, None] & d_mask[None, :]
-        k_rows = k_ptr + block * stride_kb + offset * stride_ks + kv_head * stride_kg
-        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
-        # scores in log2 units: qk_scale = scale * log2(e)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: position 0 is always visible
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        v_rows = v_ptr + block * stride_vb + offset * stride_vs + kv_head * stride_vg
-        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+    strides = (stride_kb, stride_ks, stride_kg, stride_vb, stride_vs, stride_vg)
+    acc, m, l = _attend(acc, m, l, q, q_pos, k_ptr, v_ptr, table, 0, full, offs_n, offs_d,
+                        d_mask, qk_scale, block_size, kv_head, *strides, False, BLOCK_N,
+                        DOT_PRECISION)
+    acc, m, l = _attend(acc, m, l, q, q_pos, k_ptr, v_ptr, table, full, end, offs_n, offs_d,
+                        d_mask, qk_scale, block_size, kv_head, *strides, True, BLOCK_N,
+                        DOT_PRECISION)
     out = acc / l[:, None]
     out_ptrs = out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=md_mask)
