@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     cases = {b: inputs(*map(int, b.split("x"))) for b in args.batches}
     results = []
-    for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
+    for bm, bn, warps, stages in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3)):
         prefill_attention.LAUNCH.update(block_m=bm, block_n=bn, num_warps=warps,
                                         num_stages=stages)
         row = []

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loramux.kernels._utils import dot_precision, dot_width
+from loramux.kernels._utils import dot_precision, dot_width, next_power_of_2
 
 LAUNCH = dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
 
@@ -143,7 +143,7 @@ def paged_prefill_attention(
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
-    block_m = dot_width(group, LAUNCH["block_m"])  # at least one token's heads per tile
+    block_m = max(LAUNCH["block_m"], next_power_of_2(group))  # at least one token's heads
     block_q = block_m // group
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _paged_prefill_kernel[grid](
