@@ -4,7 +4,8 @@
     python benchmarks/sweep_prefill_attention.py [--batches 64x128 4x2048 1x8192]
 
 Prints TFLOP/s (4 * N * D FLOPs per visible query-key pair) per configuration and batch; the
-best configuration overall goes into kernels/prefill_attention.py's LAUNCH.
+best configurations go into kernels/prefill_attention.py's LAUNCH (short query runs) and
+LAUNCH_LONG (runs of LONG_QUERY tokens or more).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def main() -> None:
     cases = {b: inputs(*map(int, b.split("x"))) for b in args.batches}
     results = []
     for bm, bn, warps, stages in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3)):
-        prefill_attention.LAUNCH.update(block_m=bm, block_n=bn, num_warps=warps,
-                                        num_stages=stages)
+        for launch in (prefill_attention.LAUNCH, prefill_attention.LAUNCH_LONG):
+            launch.update(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
         row = []
         try:
             for batch, (a, flops) in cases.items():

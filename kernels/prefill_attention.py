@@ -24,7 +24,11 @@ import triton.language as tl
 
 from loramux.kernels._utils import dot_precision, dot_width, next_power_of_2
 
-LAUNCH = dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
+# Tiles by the longest query run of the launch (swept on an H200 with Qwen3-30B-A3B heads,
+# benchmarks/sweep_prefill_attention.py): short runs prefer small tiles, long ones big tiles.
+LAUNCH = dict(block_m=128, block_n=32, num_warps=4, num_stages=2)
+LAUNCH_LONG = dict(block_m=256, block_n=64, num_warps=8, num_stages=3)
+LONG_QUERY = 1024
 
 
 @triton.jit
@@ -143,7 +147,8 @@ def paged_prefill_attention(
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
-    block_m = max(LAUNCH["block_m"], next_power_of_2(group))  # at least one token's heads
+    launch = LAUNCH_LONG if max_query_len >= LONG_QUERY else LAUNCH
+    block_m = max(launch["block_m"], next_power_of_2(group))  # at least one token's heads
     block_q = block_m // group
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _paged_prefill_kernel[grid](
@@ -151,8 +156,8 @@ def paged_prefill_attention(
         scale * math.log2(math.e), head_dim, block_size,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=LAUNCH["block_n"],
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=launch["block_n"],
         BLOCK_D=dot_width(head_dim, 1024), DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     return out
