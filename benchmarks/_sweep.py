@@ -18,8 +18,13 @@ LORA_VARIANTS = [dict(per_sm=4), dict(per_sm=2), dict(per_sm=8), dict(num_warps=
                  dict(num_stages=4), dict(block_n=128), dict(per_sm=8, num_warps=8)]
 DENSE_VARIANTS = [dict(per_sm=2), dict(per_sm=1), dict(per_sm=4), dict(num_warps=8),
                   dict(num_stages=2), dict(block_n=128), dict(per_sm=4, num_warps=8)]
+_PREFILL_GEMMS = [(64, 64, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3),
+                  (128, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3),
+                  (64, 256, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 8, 4)]
 GEMM_VARIANTS = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), by batch
     1024: [(64, 64, 64, 4, 3), (64, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+    2048: _PREFILL_GEMMS,
+    8192: _PREFILL_GEMMS,
 }
 
 

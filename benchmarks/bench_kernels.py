@@ -1,6 +1,7 @@
 """Kernel benchmarks on one GPU: fused MoE, MoE-LoRA and dense LoRA against the memory roofline.
 
-    python3 benchmarks/bench_kernels.py [--sweep] [--sweep-gemm] [--moe-lora] [--out results.json]
+    python3 benchmarks/bench_kernels.py [--sweep] [--sweep-gemm] [--sweep-only] [--moe-lora]
+        [--out results.json]
 
 bf16; cold-L2 CUDA-graph timing (benchmarks/_timing.py); x ~ N(0, 1), weights and A ~ N(0, 1/in),
 B ~ N(0, 1/r); tokens given to adapters in contiguous request segments; routing = top-8 of the
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="first tune the LoRA kernels' launch knobs (kept for the tables)")
     parser.add_argument("--sweep-gemm", action="store_true", help="time base GEMM configs")
+    parser.add_argument("--sweep-only", action="store_true", help="stop after the sweeps")
     parser.add_argument("--moe-lora", action="store_true",
                         help="only the Qwen3-30B-A3B rank-16 MoE rows (16 adapters at 1-256 "
                              "tokens, 64 adapters at 1024), without the twin")
@@ -139,6 +141,8 @@ def main() -> None:
         rows += _sweep.gemm_sweep(_randn, routing, shape)
     if args.sweep:
         rows += _sweep.run_sweeps(_sweep.lora_case_maker(_randn, routing, shape, DEVICE), _randn)
+    if args.sweep_only:
+        return
     rows.append(dict(op="launch", moe_lora=moe_lora.LAUNCH, lora=lora.LAUNCH,
                      naive_pairs_per_group=moe_lora.NAIVE_PAIRS_PER_GROUP))
     print(rows[-1], flush=True)
