@@ -49,7 +49,7 @@ def test_fused_experts_bf16(rank, num_tokens, gen):
     assert torch.isfinite(out).all() and rel_err(out, ref) <= BF16_TOL
 
 
-@pytest.mark.parametrize("num_tokens", [1, 64, 257])
+@pytest.mark.parametrize("num_tokens", [1, 64, 257, 2048, 5000])  # the last two: prefill tiles
 def test_fused_experts_qwen3_30b_shape(num_tokens, gen):
     cuda_gen = torch.Generator(device="cuda").manual_seed(7 + num_tokens)
     args, lora = _moe(cuda_gen, num_tokens, 2048, 128, 8, 768, 16, 16)
