@@ -170,6 +170,43 @@ def write_transposed_vintage(src_dir, dst_dir, peft_version: str = "0.18.0") -> 
     return _write(dst_dir, {**config, "peft_version": peft_version}, out)
 
 
+def write_megatron_bridge_stacked(src_dir, dst_dir, *, names: str = "fused") -> Path:
+    """The 3D adapter as Megatron-Bridge exports it stacked (architectures.md 4.2): names
+    "fused" (its streaming export: experts.gate_up_proj.lora_A [E, r, in], lora_B [E, out, r])
+    or "positional" (stack_3d_moe: vLLM's experts(.base_layer).lora_A [E, r, in], lora_B
+    [out, r, E])."""
+    config, tensors = read_adapter_files(src_dir)
+    out = {}
+    for module, (a, b) in _pairs(tensors).items():
+        name = _fused_name(config, module)
+        if name is not None:
+            a, b = unfold_3d(a, b, _rank_alpha(config, name)[0])  # [E, r, in], [E, out, r]
+            if names == "fused":
+                module = name
+            else:
+                b = b.permute(1, 2, 0)
+        out.update(_pair_tensors(module, a.contiguous(), b.contiguous()))
+    return _write(dst_dir, config, out)
+
+
+def write_megatron_bridge_saved(src_dir, dst_dir) -> Path:
+    """The 3D adapter as Megatron-Bridge's save_hf_adapter writes it (architectures.md 4.2):
+    lora_A = cat_e(B_e^T) [E*r, out], lora_B = cat_e(A_e^T, dim=1) [in, E*r] (expert-major
+    columns), no peft_version, target_parameters one full path per layer."""
+    config, tensors = read_adapter_files(src_dir)
+    out, per_layer = {}, set()
+    for module, (a, b) in _pairs(tensors).items():
+        name = _fused_name(config, module)
+        if name is not None:
+            a_e, b_e = unfold_3d(a, b, _rank_alpha(config, name)[0])
+            a = b_e.transpose(1, 2).reshape(-1, b_e.shape[1])  # rows: expert e's B_e^T
+            b = torch.cat(list(a_e.transpose(1, 2)), dim=1)  # columns: expert e's A_e^T
+            per_layer.add(name)
+        out.update(_pair_tensors(module, a, b))
+    config = {k: v for k, v in config.items() if k != "peft_version"}
+    return _write(dst_dir, {**config, "target_parameters": sorted(per_layer)}, out)
+
+
 def save_as_bin(src_dir, dst_dir) -> Path:
     """The same adapter with adapter_model.bin (torch.save) instead of safetensors."""
     config, tensors = read_adapter_files(src_dir)

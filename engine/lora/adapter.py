@@ -10,6 +10,9 @@ alpha_pattern) folded into b. Weights stay float32 on CPU.
   (B.view(out, r, E)[:, :, e]). PEFT <= 0.18 could write them transposed: detected from shapes.
   A tensor that fits both readings (hidden_size == 2I for gate_up, == I for down) is settled by
   the file's other 3D tensors or by peft_version >= 0.19.1, else refused. Nothing is guessed.
+- Megatron-Bridge: stacked tensors (lora_A [E, r, in]) have one reading (peft_keys); files of
+  its save_hf_adapter (no peft_version, target_parameters per layer) are transposed with B
+  columns expert-major (B.view(in, E, r)[:, e]) and are read so, or refused if not transposed.
 Every problem raises AdapterLoadError naming the key or module (AdapterNotFound: no such path).
 Files are opened only through engine.lora.files: confined to the allowed roots after resolving
 links, and fingerprinted as read (a re-read must match the fingerprint of the validating read).
@@ -170,9 +173,12 @@ class _WeightBuilder:
                 f"{self.model_config.num_layers} layers) has no LoRA target {module}")
         d_in, d_out, num_experts = self.shapes[module]
         if (num_experts > 0) != has_experts:
+            shared = (" (one LoRA shared by all experts, as Megatron-Bridge's "
+                      "experts_shared_outer_loras exports it, is not served: export with "
+                      "expand_shared_outer)" if num_experts else "")
             raise AdapterLoadError(f"{key}: {module} is {'an' if num_experts else 'not an'} "
                                    f"expert target, but the key {'lacks' if num_experts else 'has'}"
-                                   " an expert index")
+                                   f" an expert index{shared}")
         return d_in, d_out, num_experts
 
     def _check_rank(self, rank: int, module: str) -> None:
@@ -236,6 +242,7 @@ class _WeightBuilder:
             return {}
         candidates = self._fused_candidates(pairs)
         orientation = self._orientation([fits for _, _, fits in candidates])
+        expert_major_b = self._megatron_bridge_file(candidates, orientation)
         self.layout = "3d"
         weights: dict[str, LoraWeights] = {}
         for pair, experts, fits in candidates:
@@ -243,8 +250,25 @@ class _WeightBuilder:
             module = f"{experts}.{param}"
             if module in weights:
                 raise AdapterLoadError(f"{pair.names['A']} is a second LoRA for {module}")
-            weights[module] = self._unfold(pair, module, param, orientation)
+            weights[module] = self._unfold(pair, module, param, orientation,
+                                           expert_major_b and not pair.stacked)
         return weights
+
+    def _megatron_bridge_file(self, candidates: list, orientation: str) -> bool:
+        """Whether the folded 3D pairs come from Megatron-Bridge's save_hf_adapter, whose B
+        columns are expert-major; such a file that is not transposed is refused."""
+        folded = [pair for pair, _, _ in candidates if not pair.stacked]
+        if not (self.hyper.megatron_bridge and folded):
+            return False
+        if orientation != "transposed":
+            raise AdapterLoadError(
+                f"{folded[0].names['A']}: adapter_config.json looks like a Megatron-Bridge "
+                "save_hf_adapter export (no peft_version, target_parameters per layer), which "
+                "stores 3D expert LoRA transposed with expert-major columns, but these tensors "
+                "are not transposed; refusing rather than guessing their packing (re-export "
+                "with PEFT, or add the peft_version that wrote the file)")
+        self.summary.update(producer="Megatron-Bridge", b_columns="expert-major")
+        return True
 
     def _fused_candidates(self, pairs: list[LoraPair]) -> list[tuple[LoraPair, str, set]]:
         """(pair, experts module, {(parameter, orientation)} its shapes fit) for each 3D pair."""
@@ -269,6 +293,8 @@ class _WeightBuilder:
         for param in params:
             d_in, d_out, _ = self._target(f"{experts}.{param}", pair.names["A"], has_experts=True)
             found = fused_orientations(pair.a.shape[1], pair.b.shape[0], d_in, d_out)
+            if pair.stacked:  # [E, r, in] / [E, out, r]: no transposed reading
+                found &= {"standard"}
             fits |= {(param, orientation) for orientation in found}
             in_name, out_name = dim_names(f"{experts}.{param}")
             expected.append(f"{param}: lora_A [E*r, {d_in}] ({in_name}) and lora_B "
@@ -286,6 +312,8 @@ class _WeightBuilder:
         if len(common) == 2 and peft_version_at_least(self.hyper.peft_version,
                                                       _ONE_ORIENTATION_SINCE):
             common = {"standard"}
+        elif len(common) == 2 and self.hyper.megatron_bridge:  # it writes transposed only
+            common = {"transposed"}
         if len(common) != 1:
             raise AdapterLoadError(
                 "cannot tell whether the 3D expert LoRA is stored transposed (as PEFT <= 0.18 "
@@ -299,11 +327,12 @@ class _WeightBuilder:
         self.summary = {"expert_layout": "3d", "orientation": next(iter(common))}
         return self.summary["orientation"]
 
-    def _unfold(self, pair: LoraPair, module: str, param: str, orientation: str) -> LoraWeights:
+    def _unfold(self, pair: LoraPair, module: str, param: str, orientation: str,
+                expert_major_b: bool) -> LoraWeights:
         num_experts = self.shapes[module][2]
         peft_name = pair.key.peft_name + ("" if pair.key.kind == "fused" else f".{param}")
         rank, scale = self.hyper.rank_and_scale(peft_name)
         self._check_rank(rank, module)
         check_expert_rows(pair.names["A"], pair.a.shape[0], pair.b.shape[1], num_experts, rank)
-        a, b = unfold_fused(pair.a, pair.b, num_experts, rank, orientation)
+        a, b = unfold_fused(pair.a, pair.b, num_experts, rank, orientation, expert_major_b)
         return LoraWeights(a=a, b=b * scale)

@@ -5,9 +5,11 @@ Key forms (after the PEFT prefix `base_model.model.` and the model's own `model.
   dense       layers.L.self_attn.q_proj.lora_A.weight             -> layers.L.self_attn.q_proj
   2D expert   layers.L.mlp.experts.e.gate_proj.lora_A.weight       -> layers.L.mlp.experts.gate_proj
               layers.L.block_sparse_moe.experts.e.w1.lora_A.weight (Mixtral: w1/w3/w2 gate/up/down)
-  3D named    layers.L.mlp.experts.gate_up_proj.lora_A.weight      (Megatron-bridge; folded as PEFT)
+  3D named    layers.L.mlp.experts.gate_up_proj.lora_A.weight      (Megatron-Bridge; folded as PEFT,
+              or stacked: lora_A [E, r, in], lora_B [E, out, r])
   3D by depth layers.L.mlp.experts(.base_layer)*.lora_A.weight     (PEFT target_parameters: one
-              nested wrapper per targeted parameter, so the key names a depth, not a parameter)
+              nested wrapper per targeted parameter, so the key names a depth, not a parameter;
+              Megatron-Bridge's stack_3d_moe writes them stacked: lora_B [out, r, E])
 `.base_layer` segments anywhere else in a module path are dropped (some exporters keep them).
 Also: adapter_config.json (read_config, LoraHyper), pair_up, and the 3D fold (unfold_fused).
 """
@@ -46,6 +48,8 @@ _IN_LAYERS = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?(?P<rest
 _EXPERTS = re.compile(r"^(?P<layer>layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts(?P<tail>\..+)?$")
 _EXPERT_PROJ = re.compile(r"^\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)$")
 _FUSED_PROJ = re.compile(r"^\.(?P<proj>gate_up_proj|down_proj)$")
+_PER_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
+_STACKABLE = ("fused", "positional")  # key kinds whose tensors may come stacked [E, ...]
 
 _UNSUPPORTED_OPTIONS = {
     "use_dora": "DoRA (use_dora)",
@@ -179,11 +183,16 @@ def check_expert_rows(key: str, rows: int, cols: int, num_experts: int, rank: in
 
 
 def unfold_fused(a: torch.Tensor, b: torch.Tensor, num_experts: int, rank: int,
-                 orientation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [E*r, X] (rows expert-major), B [Y, r*E] (columns rank-major) -> a [E, r, D_in],
-    b [E, D_out, r]. A transposed file holds B_e @ A_e = delta_e^T, so a_e = B_e^T, b_e = A_e^T."""
+                 orientation: str, expert_major_b: bool = False,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [E*r, X] (rows expert-major), B [Y, r*E] (columns rank-major, or expert-major as
+    Megatron-Bridge's save_hf_adapter packs them) -> a [E, r, D_in], b [E, D_out, r].
+    A transposed file holds B_e @ A_e = delta_e^T, so a_e = B_e^T, b_e = A_e^T."""
     a3 = a.reshape(num_experts, rank, a.shape[1])  # A.view(E, r, in)[e]
-    b3 = b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1)  # B.view(out, r, E)[:, :, e]
+    if expert_major_b:
+        b3 = b.reshape(b.shape[0], num_experts, rank).permute(1, 0, 2)  # B.view(out, E, r)[:, e]
+    else:
+        b3 = b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1)  # B.view(out, r, E)[..., e]
     if orientation == "transposed":
         a3, b3 = b3.transpose(1, 2), a3.transpose(1, 2)
     return a3.contiguous(), b3.contiguous()
@@ -243,6 +252,9 @@ class LoraHyper:
     use_rslora: bool
     fused_targets: tuple[str, ...]  # fused expert parameters named in target_parameters
     peft_version: str | None
+    # Megatron-Bridge's save_hf_adapter: no peft_version (PEFT always writes one) and
+    # target_parameters naming each layer's parameter (PEFT users name them once)
+    megatron_bridge: bool = False
 
     @classmethod
     def from_config(cls, config: dict) -> LoraHyper:
@@ -251,9 +263,12 @@ class LoraHyper:
             raise AdapterLoadError(f"adapter_config.json: r must be a positive integer and "
                                    f"lora_alpha a finite number, found r={r!r:.40}, "
                                    f"lora_alpha={alpha!r:.40}")
+        targets = config.get("target_parameters")
+        per_layer = any(_PER_LAYER.search(str(t)) for t in targets or ())
         return cls(r, float(alpha), _patterns(config, "rank_pattern", is_rank),
                    _patterns(config, "alpha_pattern", is_number), bool(config.get("use_rslora")),
-                   fused_targets(config.get("target_parameters")), config.get("peft_version"))
+                   fused_targets(targets), config.get("peft_version"),
+                   per_layer and config.get("peft_version") is None)
 
     def rank_and_scale(self, peft_name: str) -> tuple[int, float]:
         r = int(pattern_value(self.rank_pattern, peft_name, self.r))
@@ -285,6 +300,7 @@ class LoraPair:
     key: LoraKey
     names: dict[str, str] = field(default_factory=dict)  # "A"/"B" -> file key, for messages
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    stacked: bool = False  # 3D expert LoRA written as [E, ...] tensors (one reading only)
 
     @property
     def a(self) -> torch.Tensor:  # [r, D_in] (2D) or [E*r, D_in] (3D)
@@ -300,8 +316,9 @@ def pair_up(tensors: dict[str, torch.Tensor], source: str) -> list[LoraPair]:
     pairs: dict[tuple, LoraPair] = {}
     for key, tensor in tensors.items():
         parsed = parse_key(key)
-        if tensor.dim() != 2:
-            raise AdapterLoadError(f"{key} has shape {list(tensor.shape)}: not a matrix")
+        if tensor.dim() != 2 and not (tensor.dim() == 3 and parsed.kind in _STACKABLE):
+            raise AdapterLoadError(f"{key} has shape {list(tensor.shape)}: not a matrix (only "
+                                   "3D expert LoRA may be stacked per expert)")
         pair = pairs.setdefault((parsed.kind, parsed.module, parsed.expert, parsed.depth),
                                 LoraPair(parsed))
         if parsed.part in pair.names:
@@ -311,6 +328,34 @@ def pair_up(tensors: dict[str, torch.Tensor], source: str) -> list[LoraPair]:
         if len(pair.names) == 1:
             (part, key), = pair.names.items()
             raise AdapterLoadError(f"{key} has no lora_{'B' if part == 'A' else 'A'} partner")
+        _flatten_stacked(pair)
     if not pairs:
         raise AdapterLoadError(f"{source} holds no LoRA tensors")
     return list(pairs.values())
+
+
+def _flatten_stacked(pair: LoraPair) -> None:
+    """Stacked 3D expert LoRA (Megatron-Bridge: lora_A [E, r, in] with lora_B [E, out, r] from
+    its streaming export or [out, r, E] from stack_3d_moe) -> the folded PEFT form (A [E*r, in]
+    rows expert-major, B [out, r*E] columns rank-major), marked as read in one way only."""
+    a, b = pair.a, pair.b
+    if a.dim() == b.dim() == 2:
+        return
+    shapes = f"lora_A {list(a.shape)}, lora_B {list(b.shape)}"
+    if a.dim() != 3 or b.dim() != 3:
+        raise AdapterLoadError(f"{pair.names['A']}: {shapes}: stacked 3D expert LoRA needs "
+                               "both tensors stacked")
+    num_experts, rank, _ = a.shape
+    readings = []
+    if b.shape[0] == num_experts and b.shape[2] == rank:  # [E, out, r]
+        readings.append(b.permute(1, 2, 0))
+    if b.shape[1] == rank and b.shape[2] == num_experts:  # [out, r, E]
+        readings.append(b)
+    if len(readings) != 1:
+        raise AdapterLoadError(
+            f"{pair.names['A']}: {shapes}: "
+            + ("lora_B fits both [E, out, r] and [out, r, E]" if readings else
+               "lora_B must be [E, out, r] or [out, r, E] for lora_A [E, r, in]"))
+    pair.tensors["A"] = a.reshape(num_experts * rank, a.shape[2])
+    pair.tensors["B"] = readings[0].reshape(readings[0].shape[0], rank * num_experts)
+    pair.stacked = True

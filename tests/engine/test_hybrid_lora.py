@@ -14,7 +14,8 @@ from loramux.engine import LLM, LoRARequest, SamplingParams
 from loramux.engine.lora.adapter import read_adapter
 from loramux.engine.config import ModelConfig
 from tests.adapters import (ATTENTION, GDN, MLP, make_2d_adapter, make_peft_3d_adapter,
-                            merged_reference, peft_merged)
+                            merged_reference, peft_merged, write_megatron_bridge_saved,
+                            write_megatron_bridge_stacked)
 from tests.engine.conftest import PROMPTS
 from tests.tiny import load_reference
 
@@ -71,6 +72,18 @@ def test_megatron_shared_gate_up_a_is_stored_once(setups):
     assert "layers.0.mlp.experts.gate_up_proj" in adapter.weights
     assert "layers.0.mlp.experts.gate_proj" not in adapter.weights
     assert "layers.0.linear_attn.in_proj_z" in adapter.weights
+
+
+def test_megatron_bridge_exports_serve_like_the_peft_adapter(setups, tmp_path):
+    """Qwen3.5-MoE with the PEFT 3D adapter re-packed as Megatron-Bridge writes it (stacked by
+    its streaming export, and its save_hf_adapter directory): the same continuations."""
+    path, hf, a3, _ = setups("qwen3_5_moe")
+    llm = LLM(path, max_loras=2, max_lora_rank=8, enable_mixed_moe_lora_format=True)
+    want = tokens(llm, LoRARequest("a3d", 1, a3))
+    stacked = write_megatron_bridge_stacked(a3, tmp_path / "stacked")
+    saved = write_megatron_bridge_saved(a3, tmp_path / "saved")
+    assert tokens(llm, LoRARequest("mb-stacked", 2, str(stacked))) == want
+    assert tokens(llm, LoRARequest("mb-saved", 3, str(saved))) == want
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])

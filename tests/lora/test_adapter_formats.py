@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loramux.engine.errors import AdapterLoadError
 from loramux.engine.lora.adapter import read_adapter
 from tests.adapters import (ATTENTION, MLP, make_2d_adapter, make_peft_3d_adapter,
                             merged_reference, peft_merged, save_as_bin, split_3d_to_2d,
+                            write_megatron_bridge_saved, write_megatron_bridge_stacked,
                             write_transposed_vintage)
 from tests.lora.helpers import assert_same_weights, fold_adapter, max_weight_diff, tiny
 from tests.tiny import ARCHS
@@ -217,6 +219,79 @@ def test_megatron_style_fused_names_read_like_peft_positions(tmp_path):
     adapter = _read(path, config)
     assert adapter.expert_layout == "3d"
     assert_same_weights(fold_adapter(hf, adapter), expected, 0)
+
+
+@pytest.mark.parametrize("names", ["fused", "positional"])
+@pytest.mark.parametrize("moe_inter", [16, 32], ids=["plain", "square-gate-up"])
+def test_megatron_bridge_stacked_tensors_read_like_the_peft_file(names, moe_inter, tmp_path):
+    """[E, r, in] / [E, out, r] (streaming export) and [E, r, in] / [out, r, E] (stack_3d_moe):
+    one reading each, also where hidden == 2I would let a folded file be read transposed."""
+    hf, config = tiny("qwen3_moe", moe_intermediate_size=moe_inter)
+    standard = make_peft_3d_adapter(hf, tmp_path / "std", r=3)
+    adapter = _read(write_megatron_bridge_stacked(standard, tmp_path / "mb", names=names),
+                    config)
+    assert adapter.meta["orientation"] == "standard" and adapter.expert_layout == "3d"
+    assert_same_weights(fold_adapter(hf, adapter), peft_merged(hf, standard))
+
+
+@pytest.mark.parametrize("moe_inter", [16, 32], ids=["plain", "square-gate-up"])
+def test_megatron_bridge_saved_adapter_reads_its_expert_major_columns(moe_inter, tmp_path):
+    """save_hf_adapter files look like PEFT <= 0.18 transposed ones but pack B expert-major;
+    read rank-major (the PEFT convention) they would be garbage for r > 1."""
+    hf, config = tiny("qwen3_moe", moe_intermediate_size=moe_inter)
+    standard = make_peft_3d_adapter(hf, tmp_path / "std", r=3)
+    saved = write_megatron_bridge_saved(standard, tmp_path / "mb")
+    adapter = _read(saved, config)
+    assert adapter.meta["producer"] == "Megatron-Bridge"
+    assert adapter.meta["orientation"] == "transposed"
+    assert_same_weights(fold_adapter(hf, adapter), peft_merged(hf, standard))
+    # the same tensors under a PEFT config are the PEFT <= 0.18 packing, read rank-major
+    config_path = saved / "adapter_config.json"
+    peft_config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**peft_config, "peft_version": "0.18.0"}))
+    if moe_inter == 16:
+        assert max_weight_diff(fold_adapter(hf, _read(saved, config)),
+                               peft_merged(hf, standard)) > 1e-2
+
+
+def test_megatron_bridge_config_with_untransposed_tensors_is_refused(tmp_path):
+    hf, config = tiny("qwen3_moe")
+    standard = make_peft_3d_adapter(hf, tmp_path / "std", r=3)
+    config_path = standard / "adapter_config.json"
+    fields = json.loads(config_path.read_text())
+    fields.pop("peft_version")
+    fields["target_parameters"] = [f"model.layers.{i}.mlp.experts.{p}" for i in range(3)
+                                   for p in ("gate_up_proj", "down_proj")]
+    config_path.write_text(json.dumps(fields))
+    with pytest.raises(AdapterLoadError, match="Megatron-Bridge save_hf_adapter"):
+        _read(standard, config)
+
+
+@pytest.mark.parametrize("b_shape", [(5, 7, 2), (64, 4, 8)], ids=["unrelated", "wrong-rank"])
+def test_stacked_tensors_of_unknown_packing_are_refused(b_shape, tmp_path):
+    hf, config = tiny("qwen3_moe")
+    path = make_peft_3d_adapter(hf, tmp_path / "a", r=3)
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("experts.lora_A.weight"))
+    tensors[key] = torch.randn(8, 3, 16)
+    tensors[key.replace("lora_A", "lora_B")] = torch.randn(b_shape)
+    save_file(tensors, path / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError, match=r"lora_B must be \[E, out, r\] or \[out, r, E\]"):
+        _read(path, config)
+
+
+def test_megatron_bridge_shared_outer_lora_is_refused_by_name(tmp_path):
+    """experts_shared_outer_loras: one [1, r, H] gate A for every expert, under a name with no
+    expert index."""
+    hf, config = tiny("qwen3_moe")
+    path = make_2d_adapter(hf, tmp_path / "a", target_modules=("q_proj",))
+    tensors = load_file(path / "adapter_model.safetensors")
+    name = "base_model.model.model.layers.0.mlp.experts.gate_proj"
+    tensors |= {f"{name}.lora_A.weight": torch.randn(4, 64),
+                f"{name}.lora_B.weight": torch.randn(16, 4)}
+    save_file(tensors, path / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError, match="experts_shared_outer_loras"):
+        _read(path, config)
 
 
 def test_base_layer_segments_in_2d_module_paths_are_ignored(tmp_path):
