@@ -15,6 +15,7 @@ from pathlib import Path
 
 from loramux.engine.config import SUPPORTED_ARCHITECTURES
 from loramux.engine.demo import ensure_demo
+from loramux.server.config_file import ConfigFileError, expand_config_file
 from loramux.server.generation_defaults import GenerationConfigError, parse_override
 from loramux.server.launch import run
 from loramux.server.reasoning import PARSERS as REASONING_PARSERS
@@ -221,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "architectures: " + ", ".join(SUPPORTED_ARCHITECTURES))
     serve.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
                        help="MODEL given as a flag, as vLLM also takes it")
+    serve.add_argument("--config", metavar="FILE",
+                       help="read flags from a YAML file, as vLLM does (max-model-len: 4096; "
+                            "lists for flags of several values, true for switches); flags on "
+                            "the command line win")
     _add_server_flags(serve)
     _add_engine_flags(serve)
     _add_lora_flags(serve)
@@ -313,7 +318,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(vllm_spellings(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        argv = expand_config_file(argv)
+    except ConfigFileError as exc:
+        sys.exit(f"loramux: error: {exc}")
+    args = build_parser().parse_args(vllm_spellings(argv))
     try:
         warnings = judge_compat_flags(args)
         settings = settings_from_args(args)
