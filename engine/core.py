@@ -194,8 +194,8 @@ class EngineCore:
         """seq id -> the bitmask of its grammar's next tokens, for each sampling row with a
         constraint (one batch fill). A grammar that allows no token of the vocabulary sets the
         sequence's error: it fails in _update instead of appending a token."""
-        seqs = [item.seq for item in batch.items
-                if item.samples and item.seq.constraint is not None]
+        seqs = [item.seq for item in batch.items if item.samples
+                and item.seq.constraint is not None and item.seq.constraint.active]
         if not seqs:
             return {}
         bitmask = self.grammars.fill([seq.constraint for seq in seqs])

@@ -42,6 +42,9 @@ class StructuredOutputs:
     any_whitespace: JSON may carry whitespace between tokens (vLLM's default), bounded in length
                     so a model cannot loop on it; False writes compact JSON.
     source: the request field it came from, for error messages (not part of its identity).
+    start_after: a token id (a reasoning model's `</think>`): the output is free up to and
+                 including its first occurrence and follows the grammar after it (not part of
+                 the grammar's identity either).
     """
 
     json: str | None = None
@@ -51,6 +54,7 @@ class StructuredOutputs:
     grammar: str | None = None
     any_whitespace: bool = True
     source: str = field(default="structured_outputs", compare=False)
+    start_after: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "regex", "choice", "grammar")

@@ -3,7 +3,7 @@
 `Grammars` (one per engine) holds llguidance's view of the tokenizer (built once: every token's
 bytes, the model's vocabulary width, the EOS ids), the compiled grammars of recent requests, and
 the executor of the batch mask fill. Each constrained sequence owns a `Constraint` (an
-llguidance matcher). Each step the engine fills, in one parallel call, the token bitmask of
+llguidance matcher; a reasoning request's waits for its `</think>` first). Each step the engine fills, in one parallel call, the token bitmask of
 every sampling row whose sequence has a constraint and puts each row's bitmask in the plan; the
 worker masks those logits rows before sampling; the engine then advances each matcher by the
 sampled token and ends the request when the grammar is complete. Matchers live here, on the
@@ -39,14 +39,20 @@ class GrammarUnavailable(InvalidRequest):
 
 
 class Constraint:
-    """One sequence's grammar state: which tokens may come next, advanced by each sampled one."""
+    """One sequence's grammar state: which tokens may come next, advanced by each sampled one.
+    With start_after the grammar waits (`active` False: no mask) until that token is sampled."""
 
-    def __init__(self, matcher) -> None:
+    def __init__(self, matcher, start_after: int | None = None) -> None:
         self.matcher = matcher
+        self.start_after = start_after
+        self.active = start_after is None
 
     def advance(self, token: int) -> bool:
         """Take the sampled token; True when the grammar is complete (only EOS may follow, or
         EOS was taken). A token the grammar refuses (a mask the sampler did not honour) raises."""
+        if not self.active:
+            self.active = token == self.start_after
+            return False
         if not self.matcher.consume_token(token):
             raise InvalidRequest(f"the output left its grammar at token {token}: "
                                  f"{self.matcher.get_error()}")
@@ -137,7 +143,7 @@ class Grammars:
 
     def constraint(self, spec: StructuredOutputs) -> Constraint:
         grammar = self.compile(spec)
-        return Constraint(self._llguidance.LLMatcher(self._tokenizer, grammar))
+        return Constraint(self._llguidance.LLMatcher(self._tokenizer, grammar), spec.start_after)
 
     def fill(self, constraints: list[Constraint]) -> torch.Tensor:
         """The next-token bitmasks of all constraints [n, width] int32, in one parallel call."""

@@ -57,6 +57,13 @@ class ReasoningSplitter:
         return held, ""
 
 
+def think_end_token(tokenizer) -> int | None:
+    """The id of `</think>` when the tokenizer holds it as one added token (Qwen3's), else
+    None."""
+    added = tokenizer.get_added_vocab() if tokenizer is not None else {}
+    return added.get(END)
+
+
 def split_reasoning(text: str, thinking: bool = True) -> tuple[str | None, str | None]:
     """(reasoning, content) of a whole output; an empty part is None, as vLLM answers."""
     splitter = ReasoningSplitter(thinking)

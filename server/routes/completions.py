@@ -18,6 +18,7 @@ from loramux.server.errors import documented
 from loramux.server.formats import ChatFormatter, CompletionFormatter, Formatter, usage_of
 from loramux.server.generation import Generation, final_all, start_all
 from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
+from loramux.server.reasoning import think_end_token
 from loramux.server.responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
@@ -51,7 +52,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
     lora = await state.models.resolve(body.model)
     body = body.with_defaults(state.settings.sampling_defaults)
-    params = _chat_params(body, state)
+    params = _reasoning_first(body, _chat_params(body, state), state)
     prompt_ids = await state.prompts.chat(body.messages, body.chat_template_kwargs,
                                           params.max_tokens, body.template_tools())
     formatter = ChatFormatter(state.engine.tokenizer, random_id("chatcmpl"), body.model,
@@ -64,11 +65,26 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
 def _thinking(body: ChatCompletionRequest, params: SamplingParams,
               state: ServerState) -> bool | None:
     """None without --reasoning-parser. A grammar (structured output, required or named tool
-    choice) holds from the first token, so such an output has no reasoning."""
+    choice) that holds from the first token leaves the output no reasoning."""
     if not state.settings.reasoning_parser:
         return None
-    return body.thinking and params.structured_outputs is None
+    grammar = params.structured_outputs
+    return body.thinking and (grammar is None or grammar.start_after is not None)
 
+
+def _reasoning_first(body: ChatCompletionRequest, params: SamplingParams,
+                     state: ServerState) -> SamplingParams:
+    """With --reasoning-parser and thinking on, a grammar starts after the model's `</think>`
+    (as vLLM's structured outputs do by default): the reasoning is free, the answer follows
+    the grammar. A tokenizer without a `</think>` token keeps the grammar from the start."""
+    grammar = params.structured_outputs
+    if grammar is None or not state.settings.reasoning_parser or not body.thinking:
+        return params
+    end = think_end_token(state.engine.tokenizer)
+    if end is None:
+        return params
+    return dataclasses.replace(params, structured_outputs=dataclasses.replace(
+        grammar, start_after=end))
 
 def _chat_params(body: ChatCompletionRequest, state: ServerState) -> SamplingParams:
     """The request's sampling; tool_choice required or named adds the grammar of its calls."""

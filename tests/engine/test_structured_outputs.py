@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import jsonschema
 import llguidance
@@ -102,6 +103,23 @@ def test_greedy_structured_tokens_are_the_argmax_over_the_grammar_s_allowed_toke
         assert matcher.consume_token(token)
         ids.append(token)
     assert out.finish_reason == "stop" and matcher.is_stopped()
+
+
+def test_a_grammar_with_start_after_is_free_up_to_that_token_then_holds(chat_model):
+    """start_after (a reasoning model's </think>): the output equals the unconstrained one up to
+    and including the token's first occurrence, and follows the grammar after it."""
+    llm = _llm(chat_model)
+    prompt = llm.tokenizer.encode("what is the answer")
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    cut = 3
+    spec = StructuredOutputs(regex=r"[0-9]{3}-[a-z]{2}", start_after=free.token_ids[cut])
+    assert spec == StructuredOutputs(regex=r"[0-9]{3}-[a-z]{2}")  # one compiled grammar
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40,
+                                                structured_outputs=spec))[0].outputs[0]
+    first = free.token_ids.index(spec.start_after)
+    assert out.token_ids[:first + 1] == free.token_ids[:first + 1]
+    answer = llm.tokenizer.decode(out.token_ids[first + 1:], skip_special_tokens=True)
+    assert out.finish_reason == "stop" and re.fullmatch(r"[0-9]{3}-[a-z]{2}", answer), answer
 
 
 @pytest.mark.parametrize("spec, check", [

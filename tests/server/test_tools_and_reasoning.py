@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -113,3 +114,27 @@ def test_reasoning_goes_to_reasoning_content_unless_thinking_is_off(chat):
     off = chat.chat.completions.create(**kwargs, extra_body={
         "chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
     assert off.content and off.model_extra["reasoning_content"] is None
+
+
+@pytest.mark.parametrize("model", ["chat", "a3d"])
+def test_a_json_schema_starts_after_the_reasoning(chat_server, chat, model):
+    """With the reasoning parser on, response_format holds after the model's </think> (as in
+    vLLM): the first token is free to be </think> (logit_bias makes the random model write it,
+    which JSON could not start with), reasoning_content stays empty and the content is valid.
+    With thinking off the template closes the think block and the JSON starts at once."""
+    end_id = httpx.post(f"{chat_server.url}/tokenize",
+                        json={"prompt": "</think>", "add_special_tokens": False}).json()
+    (end_id,) = end_id["tokens"]
+    kwargs = dict(model=model, messages=ASK, max_tokens=200, temperature=0, logprobs=True,
+                  response_format={"type": "json_schema", "json_schema": {
+                      "name": "weather", "schema": WEATHER}},
+                  logit_bias={str(end_id): 100})
+    reply = chat.chat.completions.create(**kwargs).choices[0]
+    assert reply.finish_reason == "stop", reply.message.content  # the structure is complete
+    assert reply.logprobs.content[0].token == "</think>"
+    assert not reply.message.model_extra["reasoning_content"]
+    jsonschema.validate(json.loads(reply.message.content), WEATHER)
+    off = chat.chat.completions.create(**kwargs, extra_body={
+        "chat_template_kwargs": {"enable_thinking": False}}).choices[0]
+    assert off.logprobs.content[0].token != "</think>"
+    jsonschema.validate(json.loads(off.message.content), WEATHER)
