@@ -18,6 +18,9 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", 
 JSON_SCHEMA = {"type": "json_schema",
                "json_schema": {"name": "forecast", "schema": SCHEMA, "strict": True}}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+# The chat server runs the qwen3 reasoning parser: with thinking on, a grammar waits for the
+# model's </think> (tests/server/test_tools_and_reasoning.py), so these chats turn it off.
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def test_json_schema_is_valid_on_base_2d_and_3d_adapters_in_one_batch(chat):
         model, seed = job
         reply = chat.chat.completions.create(model=model, messages=MESSAGES, max_tokens=150,
                                              temperature=1.0, seed=seed,
-                                             response_format=JSON_SCHEMA)
+                                             response_format=JSON_SCHEMA, extra_body=NO_THINKING)
         return model, reply.choices[0]
 
     jobs = [(model, seed) for seed in (1, 2) for model in ("chat", "a2d", "a3d")]
@@ -50,7 +53,7 @@ def test_json_object_and_streamed_json_schema(chat):
     assert isinstance(json.loads(reply.choices[0].text), dict)
     stream = chat.chat.completions.create(model="a2d", messages=MESSAGES, max_tokens=150,
                                           temperature=0, response_format=JSON_SCHEMA,
-                                          stream=True)
+                                          stream=True, extra_body=NO_THINKING)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     jsonschema.validate(json.loads(text), SCHEMA)
 
@@ -75,7 +78,8 @@ def test_json_object_and_streamed_json_schema(chat):
 def test_choice_regex_grammar_and_json_in_every_spelling(chat, body, check, route):
     if route == "chat":
         reply = chat.chat.completions.create(model="a2d", messages=MESSAGES, max_tokens=150,
-                                             temperature=1.0, seed=4, extra_body=body)
+                                             temperature=1.0, seed=4,
+                                             extra_body={**body, **NO_THINKING})
         text = reply.choices[0].message.content
     else:
         reply = chat.completions.create(model="chat", prompt="The answer:", max_tokens=150,

@@ -18,6 +18,10 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
              "type": "object", "required": ["tz"], "additionalProperties": False,
              "properties": {"tz": {"enum": ["UTC", "CET"]}}}}}]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+# With thinking on, a tool-call grammar waits for </think> (as in vLLM), which the random model
+# never writes: the tool tests turn thinking off; test_a_grammar_starts_after_the_reasoning
+# covers the grammar after a </think>.
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,7 @@ def _schema(name: str) -> dict:
 def test_required_tool_choice_returns_valid_calls_and_a_round_trip_continues(chat, model):
     reply = chat.chat.completions.create(model=model, messages=ASK, tools=TOOLS,
                                          tool_choice="required", max_tokens=300, seed=1,
-                                         temperature=1.0)
+                                         temperature=1.0, extra_body=NO_THINKING)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls", choice
     assert choice.message.tool_calls
@@ -56,7 +60,7 @@ def test_required_tool_choice_returns_valid_calls_and_a_round_trip_continues(cha
 def test_named_tool_choice_streams_tool_call_deltas(chat):
     named = {"type": "function", "function": {"name": "get_weather"}}
     kwargs = dict(model="a3d", messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=300,
-                  temperature=0)
+                  temperature=0, extra_body=NO_THINKING)
     whole = chat.chat.completions.create(**kwargs).choices[0].message.tool_calls
     assert [c.function.name for c in whole] == ["get_weather"]
     calls, finish = {}, None
@@ -117,7 +121,7 @@ def test_reasoning_goes_to_reasoning_content_unless_thinking_is_off(chat):
 
 
 @pytest.mark.parametrize("model", ["chat", "a3d"])
-def test_a_json_schema_starts_after_the_reasoning(chat_server, chat, model):
+def test_a_grammar_starts_after_the_reasoning(chat_server, chat, model):
     """With the reasoning parser on, response_format holds after the model's </think> (as in
     vLLM): the first token is free to be </think> (logit_bias makes the random model write it,
     which JSON could not start with), reasoning_content stays empty and the content is valid.
@@ -134,7 +138,13 @@ def test_a_json_schema_starts_after_the_reasoning(chat_server, chat, model):
     assert reply.logprobs.content[0].token == "</think>"
     assert not reply.message.model_extra["reasoning_content"]
     jsonschema.validate(json.loads(reply.message.content), WEATHER)
-    off = chat.chat.completions.create(**kwargs, extra_body={
-        "chat_template_kwargs": {"enable_thinking": False}}).choices[0]
+    off = chat.chat.completions.create(**kwargs, extra_body=NO_THINKING).choices[0]
     assert off.logprobs.content[0].token != "</think>"
     jsonschema.validate(json.loads(off.message.content), WEATHER)
+    del kwargs["response_format"]
+    kwargs.update(max_tokens=400, temperature=1.0, seed=1)  # as the required-choice test
+    called = chat.chat.completions.create(**kwargs, tools=TOOLS, tool_choice="required")
+    assert called.choices[0].logprobs.content[0].token == "</think>"
+    assert called.choices[0].finish_reason == "tool_calls"
+    for call in called.choices[0].message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), _schema(call.function.name))
