@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loramux.engine.plan import SampleRow, StepPlan
+from loramux.engine.plan import PromptLogprobsRow, SampleRow, StepPlan
 from loramux.engine.sequence import Sequence
 
 
@@ -43,6 +43,7 @@ def make_plan(batch: Batch, released: list[int],
     tables: list[list[int]] = []
     states: dict[str, list[int]] = {}
     samples: list[SampleRow] = []
+    prompt_rows: list[PromptLogprobsRow] = []
     for row, item in enumerate(batch.items):  # per row only appends: 256 rows cost ~1 ms
         seq, n = item.seq, item.num_tokens
         start = seq.num_computed
@@ -55,9 +56,21 @@ def make_plan(batch: Batch, released: list[int],
         tables.append(seq.block_table.copy())
         for kind, slot in seq.state_slots.items():
             states.setdefault(kind, []).append(slot)
+        if seq.prompt_logprobs is not None and (scored := _prompt_row(row, seq, start, stop)):
+            prompt_rows.append(scored)
         if item.samples:
             samples.append(SampleRow(row, seq.seq_id, seq.params, seq.seed,
                                      token_mask=token_masks.get(seq.seq_id),
                                      processors=seq.processors))
     return StepPlan(token_ids, positions, adapter_slots, query_lens, context_lens, tables,
-                    states, samples, released)
+                    states, samples, released, prompt_rows)
+
+
+def _prompt_row(row: int, seq: Sequence, start: int, stop: int) -> PromptLogprobsRow | None:
+    """The prompt positions of tokens [start, stop) not scored yet (position p predicts prompt
+    token p + 1; a recompute after preemption scores nothing twice), or None."""
+    first, last = max(start, len(seq.prompt_logprobs)), min(stop, len(seq.prompt) - 1)
+    if first >= last:
+        return None
+    return PromptLogprobsRow(row, first - start, tuple(seq.prompt[first + 1:last + 1]),
+                             seq.params.prompt_logprobs)

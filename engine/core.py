@@ -107,8 +107,10 @@ class EngineCore:
         constraint = (None if params.structured_outputs is None
                       else self.grammars.constraint(params.structured_outputs))
         self._next_seq_id += 1
+        scored = [] if params.prompt_logprobs is not None and index == 0 else None
         return Sequence(self._next_seq_id, request_id, index, list(prompt), params, lora, detok,
-                        max_tokens, seed, constraint=constraint, processors=processors)
+                        max_tokens, seed, constraint=constraint, processors=processors,
+                        prompt_logprobs=scored)
 
     def add(self, state: RequestState) -> None:
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
@@ -186,7 +188,11 @@ class EngineCore:
         if batch.items:
             plan = make_plan(batch, self._released, self._token_masks(batch))
             self._released = []
-            touched |= self._update(batch, self.worker.execute(plan))
+            result = self.worker.execute(plan)
+            for row, scored in zip(plan.prompt_logprobs, result.prompt_logprobs if result
+                                   else [], strict=True):
+                batch.items[row.row].seq.prompt_logprobs.extend(scored)
+            touched |= self._update(batch, result)
             self.steps_total += 1
         return [self._emit(rid) for rid in touched if rid in self.requests]
 

@@ -36,8 +36,10 @@ class RequestState:
         if finished:
             self.metrics["finished"] = now
         choices = [self._choice(i) for i in range(len(self.seqs))]
+        scored = self.seqs[0].prompt_logprobs
         return RequestOutput(self.request_id, self.prompt, choices, finished, self.lora_name,
-                             dict(self.metrics), self.error)
+                             None if scored is None else [None, *scored], dict(self.metrics),
+                             self.error)
 
     def _choice(self, i: int) -> CompletionOutput:
         seq = self.seqs[i]

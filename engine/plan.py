@@ -22,6 +22,11 @@ int32 bitmask [ceil(V / 32)] of the tokens its grammar allows next (bit j of wor
 A row with penalties, logit_bias, min_tokens, bad_words or allowed_token_ids carries its
 request's ProcessorParams (engine/processors.py, made once per request); the worker keeps the
 sequence's output tokens for them until the plan's `released` names it.
+If seq 7 asked for prompt logprobs, `prompt_logprobs` would hold
+PromptLogprobsRow(row=0, offset=0, targets=(12, 13), num_top=k): the logits at its tokens 0
+and 1 are scored against the prompt tokens that follow them (token 2's predict the first
+output token, which is sampled). Only such rows have more than their last position's logits
+computed, and a plan that has any runs eagerly (no decode graph).
 """
 
 from __future__ import annotations
@@ -47,6 +52,17 @@ class SampleRow:
     processors: ProcessorParams | None = None  # None: no logits processors (most rows)
 
 
+@dataclass(frozen=True, slots=True)
+class PromptLogprobsRow:
+    """Score a row's prompt tokens: the logits at the row's tokens offset, offset + 1, ... of
+    this step predict `targets`, the prompt tokens after them."""
+
+    row: int  # index into the plan's sequences
+    offset: int  # first of the row's tokens this step whose logits are scored
+    targets: tuple[int, ...]
+    num_top: int  # most likely tokens reported at each position besides the target
+
+
 @dataclass(slots=True)
 class StepPlan:
     token_ids: list[int]
@@ -58,6 +74,7 @@ class StepPlan:
     state_slots: dict[str, list[int]] = field(default_factory=dict)
     samples: list[SampleRow] = field(default_factory=list)
     released: list[int] = field(default_factory=list)  # seq ids done: drop generators, histories
+    prompt_logprobs: list[PromptLogprobsRow] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
@@ -87,8 +104,10 @@ AdapterOp = WriteAdapter | ClearAdapter
 
 @dataclass(slots=True)
 class SampleResult:
-    """The sampled tokens of the plan's sampling rows, in order, with their logprobs."""
+    """The sampled tokens of the plan's sampling rows, in order, with their logprobs, and the
+    scored prompt tokens of each of the plan's prompt_logprobs rows."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
     finite: list[bool]  # False: the row's logits hold NaN or Inf and its token means nothing
+    prompt_logprobs: list[list[TokenLogprob]] = field(default_factory=list)

@@ -80,6 +80,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus top-k
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's plus top-k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputs | None = None
@@ -110,6 +111,8 @@ class SamplingParams:
              f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20,
              f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
              f"seed must be a 64-bit signed integer, got {self.seed}"),
             *self._processor_checks(),
@@ -156,6 +159,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob) of the most likely tokens, best first
+    rank: int | None = None  # 1 + how many tokens are more likely (prompt logprobs only)
 
 
 @dataclass
@@ -186,6 +190,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     lora_name: str | None = None
+    # prompt_logprobs: per prompt token, None for the first (nothing predicts it), then its
+    # logprob given the tokens before it (with the top-k), once the prompt is prefilled
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     # time.monotonic() of arrival, scheduled (first), first_token, last_token and finished
     metrics: dict = field(default_factory=dict)
     error: Exception | None = None  # set when the request failed inside the engine

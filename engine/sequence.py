@@ -46,6 +46,9 @@ class Sequence:
     error: Exception | None = None  # why the sequence could not run (adapter re-read failed)
     constraint: object | None = None  # engine.structured.Constraint: its grammar, if any
     processors: ProcessorParams | None = None  # its request's logits processors, if any
+    # prompt logprobs scored so far (entry p: prompt token p + 1), on the request's first
+    # sequence when it asks for them, else None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def num_tokens(self) -> int:

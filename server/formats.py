@@ -7,6 +7,7 @@ finish_reason; without a stream it turns the final RequestOutput into the respon
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 from pydantic import BaseModel
@@ -28,6 +29,7 @@ from loramux.server.responses import (
     DeltaMessage,
     DeltaToolCall,
     FunctionCall,
+    PromptLogprob,
     ToolCall,
     TopLogprob,
     UsageInfo,
@@ -54,10 +56,15 @@ class _Formatter:
 
     def _pieces(self, out: RequestOutput, choice: CompletionOutput,
                 entries: list[TokenLogprob]) -> list[tuple[str, list[tuple[str, float]]]]:
-        """Spell each logprob entry (the choice's last len(entries) tokens) and its
-        alternatives as the text it adds after its left context, so a leading space is kept."""
+        """Spell each logprob entry (the choice's last len(entries) tokens)."""
         token_ids = out.prompt_token_ids[-_CONTEXT:] + choice.token_ids
-        start, spelled = len(token_ids) - len(entries), []
+        return self._spell(token_ids, len(token_ids) - len(entries), entries)
+
+    def _spell(self, token_ids: list[int], start: int, entries: list[TokenLogprob]
+               ) -> list[tuple[str, list[tuple[str, float]]]]:
+        """Spell entry i (token_ids[start + i]) and its alternatives as the text each adds
+        after its left context, so a leading space is kept."""
+        spelled = []
         for i, entry in enumerate(entries):
             prefix = token_ids[max(0, start + i - _CONTEXT): start + i]
             before = self.tokenizer.decode(prefix)
@@ -80,6 +87,10 @@ class _Formatter:
                 self._reported_finish.add(choice.index)
         return changed
 
+    def visible(self, out: RequestOutput) -> RequestOutput:
+        """The output as the answer shows it (usage counts what is shown)."""
+        return out
+
     def opening(self, n: int) -> list[BaseModel]:
         return []
 
@@ -89,46 +100,100 @@ class _Formatter:
         return [self.usage_chunk(*outs)] if include_usage else []
 
 
+_Piece = tuple[str, float | None, dict[str, float] | None]  # token text, logprob, top logprobs
+
+
 class CompletionFormatter(_Formatter):
-    """One prompt's choices; in a batch of prompts, prompt i's choices start at index i * n."""
+    """One prompt's choices; in a batch of prompts, prompt i's choices start at index i * n.
+
+    echo: the prompt's text, put before each choice's text (in a stream, in its first chunk),
+    and with logprobs the prompt tokens' entries before the choice's (the first None);
+    echo_only (max_tokens 0): the prompt alone, the token generated for it is not shown.
+    """
 
     def __init__(self, tokenizer, response_id: str, model: str, want_logprobs: bool,
-                 first_index: int = 0) -> None:
+                 first_index: int = 0, echo: str | None = None, echo_only: bool = False) -> None:
         super().__init__(tokenizer, response_id, model, want_logprobs)
-        self.first_index = first_index
+        self.first_index, self.echo, self.echo_only = first_index, echo, echo_only
         self._offsets: dict[int, int] = {}
+        self._echoed: set[int] = set()
+        self._prompt_spelled: list[tuple[str, list[tuple[str, float]]]] | None = None
+
+    def visible(self, out: RequestOutput) -> RequestOutput:
+        if not self.echo_only:
+            return out
+        hidden = {"text": "", "token_ids": [], "text_delta": "", "token_ids_delta": [],
+                  "logprobs_delta": []}
+        return dataclasses.replace(out, outputs=[dataclasses.replace(
+            c, logprobs=None if c.logprobs is None else [], **hidden) for c in out.outputs])
+
+    def _prompt_pieces(self, out: RequestOutput) -> list[tuple[str, list[tuple[str, float]]]]:
+        """The prompt's scored tokens (all but the first) spelled, once per request."""
+        if self._prompt_spelled is None:
+            self._prompt_spelled = self._spell(out.prompt_token_ids, 1, out.prompt_logprobs[1:])
+        return self._prompt_spelled
 
     def _logprobs(self, out: RequestOutput, choice: CompletionOutput,
-                  entries: list[TokenLogprob]) -> CompletionLogprobs | None:
+                  entries: list[TokenLogprob], echo: bool) -> CompletionLogprobs | None:
         if not self.want_logprobs:
             return None
-        offset = self._offsets.get(choice.index, 0)
-        tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-        for (token, top), entry in zip(self._pieces(out, choice, entries), entries, strict=True):
-            tokens.append(token)
-            token_logprobs.append(entry.logprob)
-            top_logprobs.append(dict(top))
+        pieces: list[_Piece] = []
+        if echo and out.prompt_logprobs is not None:
+            pieces.append((self.tokenizer.decode(out.prompt_token_ids[:1]), None, None))
+            pieces += [(token, e.logprob, dict(top)) for (token, top), e in zip(
+                self._prompt_pieces(out), out.prompt_logprobs[1:], strict=True)]
+        pieces += [(token, e.logprob, dict(top)) for (token, top), e in zip(
+            self._pieces(out, choice, entries), entries, strict=True)]
+        offset, text_offset = self._offsets.get(choice.index, 0), []
+        for token, _, _ in pieces:
             text_offset.append(offset)
             offset += len(token)
         self._offsets[choice.index] = offset
         # built whole so that validation floors non-finite logprobs (responses.Logprob)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs,
-                                  top_logprobs=top_logprobs, text_offset=text_offset)
+        return CompletionLogprobs(tokens=[p[0] for p in pieces],
+                                  token_logprobs=[p[1] for p in pieces],
+                                  top_logprobs=[p[2] for p in pieces], text_offset=text_offset)
+
+    def _prompt_logprobs(self, out: RequestOutput) -> list[dict[str, PromptLogprob] | None] | None:
+        """vLLM's prompt_logprobs: each scored prompt token first, then its position's top-k."""
+        if out.prompt_logprobs is None:
+            return None
+        field: list[dict[str, PromptLogprob] | None] = [None]
+        for entry, (token, top) in zip(out.prompt_logprobs[1:], self._prompt_pieces(out),
+                                       strict=True):
+            ranked = {str(entry.token_id): PromptLogprob(logprob=entry.logprob, rank=entry.rank,
+                                                         decoded_token=token)}
+            for rank, ((token_id, lp), (text, _)) in enumerate(zip(entry.top, top), 1):
+                ranked.setdefault(str(token_id), PromptLogprob(logprob=lp, rank=rank,
+                                                               decoded_token=text))
+            field.append(ranked)
+        return field
+
+    def _choice(self, out: RequestOutput, c: CompletionOutput, text: str,
+                entries: list[TokenLogprob], **extra) -> CompletionChoice:
+        """A choice whose text (a delta in a stream) is preceded by the echo the first time."""
+        echo = self.echo is not None and c.index not in self._echoed
+        if echo:
+            self._echoed.add(c.index)
+            text = self.echo + text
+        return CompletionChoice(index=self.first_index + c.index, text=text,
+                                logprobs=self._logprobs(out, c, entries, echo),
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                **extra)
 
     def chunks(self, out: RequestOutput) -> list[CompletionResponse]:
-        return [CompletionResponse(id=self.id, model=self.model, choices=[CompletionChoice(
-            index=self.first_index + c.index, text=c.text_delta, logprobs=self._logprobs(out, c, c.logprobs_delta),
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
-            for c in self._changed(out)]
+        out = self.visible(out)
+        return [CompletionResponse(id=self.id, model=self.model, choices=[
+            self._choice(out, c, c.text_delta, c.logprobs_delta)]) for c in self._changed(out)]
 
     def usage_chunk(self, *outs: RequestOutput) -> CompletionResponse:
         return CompletionResponse(id=self.id, model=self.model, choices=[],
-                                  usage=usage_of(*outs))
+                                  usage=usage_of(*map(self.visible, outs)))
 
     def response(self, out: RequestOutput) -> CompletionResponse:
-        choices = [CompletionChoice(index=self.first_index + c.index, text=c.text,
-                                    logprobs=self._logprobs(out, c, c.logprobs or []),
-                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+        out = self.visible(out)
+        choices = [self._choice(out, c, c.text, c.logprobs or [],
+                                prompt_logprobs=self._prompt_logprobs(out))
                    for c in out.outputs]
         return CompletionResponse(id=self.id, model=self.model, choices=choices,
                                   usage=usage_of(out))

@@ -245,13 +245,15 @@ class _GenerationRequest(_Body):
         return None
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         structured: StructuredOutputs | None = None) -> SamplingParams:
+                         structured: StructuredOutputs | None = None,
+                         prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, seed=self.seed, max_tokens=max_tokens, stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids), ignore_eos=self.ignore_eos,
-            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             structured_outputs=structured or self.structured_outputs_spec(),
             presence_penalty=self.presence_penalty or 0.0,
@@ -268,12 +270,24 @@ MAX_PROMPTS = 256  # prompts in one completions request; each is one engine requ
 
 
 class CompletionRequest(_GenerationRequest):
-    """POST /v1/completions. `prompt` is text or token ids, or a list of either (a batch)."""
+    """POST /v1/completions. `prompt` is text or token ids, or a list of either (a batch).
+    `echo` puts the prompt before the completion, and with `logprobs` the prompt tokens'
+    logprobs before the completion's (the first token's None), as vLLM; `max_tokens` 0 with
+    echo answers the prompt alone (loglikelihood evaluation). `prompt_logprobs` is vLLM's."""
+
+    _honoured: ClassVar[frozenset[str]] = frozenset({"prompt_logprobs"})
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _zero_tokens_only_with_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only accepted with echo (the prompt alone)")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -294,15 +308,17 @@ class CompletionRequest(_GenerationRequest):
         """One entry per prompt: a batch answers with `n` choices per prompt, in order."""
         return self._as_batch(self.prompt)
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: one token is generated (as vLLM does) and not returned."""
+        return self.echo and self.max_tokens == 0
 
     def sampling_params(self) -> SamplingParams:
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo:
+            prompt_logprobs = self.logprobs
+        return self._sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs,
+                                     prompt_logprobs=prompt_logprobs)
 
 
 class ContentPart(_Body):

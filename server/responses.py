@@ -49,10 +49,20 @@ class UsageInfo(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """None at the first token of an echoed prompt (nothing predicts it)."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[Logprob] = Field(default_factory=list)
-    top_logprobs: list[dict[str, Logprob]] = Field(default_factory=list)
+    token_logprobs: list[Logprob | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, Logprob] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's entry of prompt_logprobs: rank 1 is the most likely token."""
+
+    logprob: Logprob
+    rank: int | None = None
+    decoded_token: str
 
 
 class CompletionChoice(BaseModel):
@@ -61,6 +71,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's: per prompt token (None for the first), token id -> its entry and the top-k's
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -25,6 +25,7 @@ from loramux.engine.plan import AdapterOp, SampleResult, SampleRow, StepPlan, Wr
 from loramux.engine.worker.cuda_graphs import DecodeGraphs
 from loramux.engine.worker.inputs import StepInputs
 from loramux.engine.worker.logits_processors import OutputHistory
+from loramux.engine.worker.prompt_logprobs import score_prompt_tokens
 from loramux.engine.worker.memory import allocate_memory
 from loramux.engine.worker.profile_run import largest_step
 from loramux.engine.worker.sampler import Sampler
@@ -143,19 +144,24 @@ class Worker:
         for seq_id in plan.released:
             self._generators.pop(seq_id, None)
             self._histories.pop(seq_id, None)
-        bucket = None if self.graphs is None else self.graphs.bucket(plan)
+        eager = self.graphs is None or plan.prompt_logprobs  # graphs keep sampling rows only
+        bucket = None if eager else self.graphs.bucket(plan)
         ctx, input_ids, num_rows = self.inputs.prepare(plan, bucket)
         if bucket is None:
             out = self.model(input_ids, ctx)  # hidden states [T, H]
         else:
             out = self.graphs.replay(bucket)  # logits [bucket, V]
+        scored = (score_prompt_tokens(out, plan, self.model.compute_logits)
+                  if plan.prompt_logprobs else [])
         if not num_rows:  # no host sync this step: wait before the input buffers are rewritten
             if self.inputs.pinned:
                 torch.cuda.synchronize(self.device)
-            return None
+            return SampleResult([], [], [], scored) if scored else None
         out = out[self.inputs.logits_rows(num_rows)]
         logits = self.model.compute_logits(out) if bucket is None else out
-        return self._sample(logits, plan.samples)
+        result = self._sample(logits, plan.samples)
+        result.prompt_logprobs = scored
+        return result
 
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
         """Sample every row; rows with processors get their sampled token in their history."""

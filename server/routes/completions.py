@@ -40,11 +40,22 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     body = body.with_defaults(state.settings.sampling_defaults)
     tokenizer, response_id = state.engine.tokenizer, random_id("cmpl")
     max_tokens = body.sampling_params().max_tokens
-    prompts = [await state.prompts.completion(p, max_tokens) for p in body.prompts()]
+    given = body.prompts()
+    prompts = [await state.prompts.completion(p, max_tokens) for p in given]
     formatters = [CompletionFormatter(tokenizer, response_id, body.model,
                                       want_logprobs=body.logprobs is not None,
-                                      first_index=i * body.n) for i in range(len(prompts))]
+                                      first_index=i * body.n, echo=_echo(body, text, ids, state),
+                                      echo_only=body.echo_only)
+                  for i, (text, ids) in enumerate(zip(given, prompts, strict=True))]
     return await _run(state, request, body, prompts, lora, formatters)
+
+
+def _echo(body: CompletionRequest, prompt: str | list[int], ids: list[int],
+          state: ServerState) -> str | None:
+    """The text echo puts first: the prompt as sent, or token ids decoded (as vLLM)."""
+    if not body.echo:
+        return None
+    return prompt if isinstance(prompt, str) else state.engine.tokenizer.decode(ids)
 
 
 @router.post("/chat/completions",
@@ -117,5 +128,6 @@ async def _run(state: ServerState, request: Request,
     if len(outs) == 1:
         return formatters[0].response(outs[0])
     answers = [f.response(out) for f, out in zip(formatters, outs, strict=True)]
+    shown = [f.visible(out) for f, out in zip(formatters, outs, strict=True)]
     return answers[0].model_copy(update={"choices": [c for a in answers for c in a.choices],
-                                         "usage": usage_of(*outs)})
+                                         "usage": usage_of(*shown)})

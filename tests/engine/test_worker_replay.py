@@ -2,9 +2,9 @@
 built from the same checkpoint, they give the same tokens and logprobs.
 
 The recorded run mixes base, 2D and 3D adapter requests over two adapter slots (three adapters:
-evictions), greedy and seeded sampled requests with logprobs, prefill chunked by a small token
-budget, and a KV cache small enough to force preemption. The record goes through pickle, so
-nothing in it is a live engine object.
+evictions), greedy and seeded sampled requests with logprobs, prompt logprobs and penalties,
+prefill chunked by a small token budget, and a KV cache small enough to force preemption. The
+record goes through pickle, so nothing in it is a live engine object.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ def recorded_run(path: str, adapters) -> tuple[LLM, list[tuple]]:
     params = [SamplingParams(temperature=0, max_tokens=8, logprobs=2, ignore_eos=True),
               SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=8, logprobs=1,
                              ignore_eos=True),
-              SamplingParams(temperature=1.0, top_k=20, max_tokens=8, ignore_eos=True)]
-    llm.generate(prompts, [params[i % 3] for i in range(len(prompts))], loras)
+              SamplingParams(temperature=1.0, top_k=20, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=2, ignore_eos=True,
+                             repetition_penalty=1.3, frequency_penalty=0.5)]
+    llm.generate(prompts, [params[(i + i // 4) % 4] for i in range(len(prompts))], loras)
     return llm, pickle.loads(pickle.dumps(recorder.events))
 
 
@@ -75,6 +77,8 @@ def test_replayed_plans_give_the_same_tokens_and_logprobs(checkpoint, adapters):
     assert any(q > 1 and c > q for p in plans for q, c in zip(p.query_lens, p.context_lens))
     assert {any("gate_up_proj" in name for name in op.weights) for op in writes} == {True, False}
     assert any(row.seed is not None for p in plans for row in p.samples)
+    assert any(p.prompt_logprobs for p in plans)
+    assert any(row.processors is not None for p in plans for row in p.samples)
 
     fresh = Worker(core.config, core.model_config, core.max_model_len)
     fresh.allocate(core.pools.plan)

@@ -172,7 +172,7 @@ _REQUESTS = [
     Case("logprobs_negative", body=completion(logprobs=-1)),
     Case("stop_wrong_type", body=completion(stop=5)),
     Case("stop_token_ids_strings", body=completion(stop_token_ids=["a"])),
-    Case("echo", body=completion(echo=True)),
+    Case("prompt_logprobs_21", body=completion(prompt_logprobs=21)),
     Case("unhonoured_field", body=completion(best_of=2)),
     Case("presence_penalty_above_two", body=completion(presence_penalty=2.5)),
     Case("repetition_penalty_zero", body=completion(repetition_penalty=0)),
