@@ -30,6 +30,9 @@ def test_largest_step_fills_the_token_budget_over_disjoint_pools(tokens, seqs, m
     assert step.state_slots == {"gdn": list(range(step.num_seqs))}
     assert memory.state_slots == {"gdn": step.num_seqs} and memory.adapter_slots == 3
     assert set(step.adapter_slots) <= {0, 1, 2} and -1 not in step.adapter_slots
+    # the first prompt's tokens are scored (prompt logprobs): the most logits rows a step has
+    assert [(r.row, len(r.targets)) for r in step.prompt_logprobs] == (
+        [(0, step.query_lens[0] - 1)] if step.query_lens[0] > 1 else [])
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3_5_moe"])
