@@ -85,6 +85,7 @@ _UNHONOURED: dict[str, tuple[Any, ...]] = {
     "length_penalty": (None, 1, 1.0), "suffix": (None, ""), "truncate_prompt_tokens": (None,),
     "logits_processors": (None, []), "audio": (None,), "prediction": (None,),
     "modalities": (None, ["text"]), "web_search_options": (None,),
+    "echo": (None, False),  # chat's (prepend the last message): completions honour their own
 }
 
 
@@ -275,7 +276,7 @@ class CompletionRequest(_GenerationRequest):
     logprobs before the completion's (the first token's None), as vLLM; `max_tokens` 0 with
     echo answers the prompt alone (loglikelihood evaluation). `prompt_logprobs` is vLLM's."""
 
-    _honoured: ClassVar[frozenset[str]] = frozenset({"prompt_logprobs"})
+    _honoured: ClassVar[frozenset[str]] = frozenset({"prompt_logprobs", "echo"})
 
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)

@@ -10,7 +10,7 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 
 @pytest.mark.parametrize("field, value", [
     ("guided_decoding_backend", "xgrammar"), ("functions", [{"name": "f"}]),
-    ("prompt_logprobs", 1), ("best_of", 2), ("use_beam_search", True),
+    ("prompt_logprobs", 1), ("best_of", 2), ("use_beam_search", True), ("echo", True),
 ])
 def test_a_field_that_asks_for_something_unimplemented_is_a_400_naming_it(client, field, value):
     with pytest.raises(openai.BadRequestError) as err:
@@ -22,6 +22,7 @@ def test_a_field_that_asks_for_something_unimplemented_is_a_400_naming_it(client
 @pytest.mark.parametrize("field, value", [
     ("tools", []), ("tool_choice", "none"),
     ("response_format", {"type": "text"}), ("best_of", 1), ("prompt_logprobs", None),
+    ("echo", False),
 ])
 def test_the_same_field_with_its_neutral_value_is_accepted(client, field, value):
     reply = client.completions.create(model="demo-2d", prompt="the model", max_tokens=2,
