@@ -202,6 +202,8 @@ class CacheConfig:
     num_blocks: int | None = None
     kv_cache_memory_gb: float = 1.0  # CPU budget; CUDA uses gpu_memory_utilization instead
     gpu_memory_utilization: float = 0.9
+    # None: on where it is exact (models without per-sequence recurrent state), as vLLM's default
+    enable_prefix_caching: bool | None = None
 
 
 @dataclass(frozen=True)

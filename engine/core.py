@@ -164,6 +164,10 @@ class EngineCore:
             waiting_lora_adapters=sorted({a for a in waiting.values() if a}),
             max_loras=self.config.lora.num_slots, slots_used=self.pools.adapters.num_used,
             preemptions_total=sched.num_preemptions, steps_total=self.steps_total)
+        if self.pools.prefix is not None:
+            stats.prefix_caching = True
+            stats.prefix_cache_queries_total = self.pools.prefix.queries
+            stats.prefix_cache_hits_total = self.pools.prefix.hits
         if self.lora is not None:
             stats.adapter_loads_total = self.lora.loads_total
             stats.adapter_evictions_total = self.lora.evictions_total

@@ -6,12 +6,13 @@ prompt up to the budget (chunked prefill). When the KV cache cannot hold a runni
 tokens, the most recently admitted running sequence is preempted: its blocks are freed and it goes
 back to the front of the waiting queue to be recomputed later (outputs are unchanged). Then waiting
 sequences are admitted in FIFO order while budget, max_num_seqs and every memory pool allow (KV
-blocks, and a state slot of each kind the model declares: MemoryPools). A sequence
-with an adapter also needs a GPU slot (LoraManager.try_pin); the slot stays pinned while it runs,
-so no step ever has more distinct adapters than slots. Once a request cannot get a slot, later
-adapter requests are not admitted either (base requests still are), so the blocked one gets the
-next slot that frees up and cannot starve. A request whose adapter is still being read from disk
-is skipped without blocking anyone.
+blocks, and a state slot of each kind the model declares: MemoryPools). With prefix caching a
+waiting sequence first takes the blocks of its longest cached prefix and is charged only for the
+tokens past them (at least one). A sequence with an adapter also needs a GPU slot
+(LoraManager.try_pin); the slot stays pinned while it runs, so no step ever has more distinct
+adapters than slots. Once a request cannot get a slot, later adapter requests are not admitted
+either (base requests still are), so the blocked one gets the next slot that frees up and cannot
+starve. A request whose adapter is still being read from disk is skipped without blocking anyone.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            n = min(seq.num_uncomputed, budget)
-            if not self.pools.can_admit(seq, n):
+            cached = self.pools.cached_prefix(seq)
+            n = min(seq.num_uncomputed - len(cached) * self.pools.blocks.block_size, budget)
+            if not self.pools.can_admit(seq, n, cached):
                 break  # FIFO on memory: wait for room rather than let later ones pass
             if seq.adapter is not None:
                 if slot_blocked:
@@ -94,7 +96,7 @@ class Scheduler:
                     continue
                 seq.adapter_slot = slot
             self.waiting.remove(seq)
-            self.pools.admit(seq)
+            self.pools.admit(seq, cached)  # its cached tokens count as computed
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             items.append(self._take(seq, n))
@@ -105,6 +107,7 @@ class Scheduler:
         logger.debug("preempting %s (seq %d) for memory", seq.request_id, seq.seq_id)
         self._release(seq)
         seq.num_computed = 0
+        seq.preempted = True
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -22,7 +22,9 @@ class Sequence:
 
     `num_computed` tokens of `prompt + output` have their K/V in the cache; the next plan feeds the
     rest. After preemption (recompute) num_computed drops to 0 and the whole history is
-    prefilled again, so outputs are unchanged.
+    prefilled again (less what the prefix cache still holds), so outputs are unchanged.
+    `block_keys` are the prefix-cache keys of its first full blocks (engine/memory/prefix_cache.py),
+    computed once as they are needed.
     """
 
     seq_id: int
@@ -49,6 +51,8 @@ class Sequence:
     # prompt logprobs scored so far (entry p: prompt token p + 1), on the request's first
     # sequence when it asks for them, else None
     prompt_logprobs: list[TokenLogprob] | None = None
+    block_keys: list[bytes] = field(default_factory=list)
+    preempted: bool = False  # once preempted, its prefix-cache lookups are not counted
 
     @property
     def num_tokens(self) -> int:

@@ -21,4 +21,7 @@ class EngineStats:
     adapter_evictions_total: int = 0
     preemptions_total: int = 0
     steps_total: int = 0  # steps that ran the model
+    prefix_caching: bool = False
+    prefix_cache_queries_total: int = 0  # tokens of admitted sequences looked up in the cache
+    prefix_cache_hits_total: int = 0  # tokens of those found cached
     is_alive: bool = True

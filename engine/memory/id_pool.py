@@ -1,10 +1,10 @@
-"""IdPool: a fixed set of ids (KV blocks, state slots), each free or held by one owner."""
+"""IdPool: a fixed set of ids (state slots), each free or held by one owner."""
 
 from __future__ import annotations
 
 
 class IdPool:
-    """Ids 0..size-1 handed out low ids first. `what` names them in errors ("KV block")."""
+    """Ids 0..size-1 handed out low ids first. `what` names them in errors ("state slot")."""
 
     def __init__(self, what: str, size: int) -> None:
         if size < 1:

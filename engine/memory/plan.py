@@ -7,6 +7,11 @@ sequence needs one of every kind, so state pools get max_num_seqs slots (fewer i
 short, but never fewer than one); the rest goes to KV blocks, never more than the running
 sequences can use (max_model_len tokens each). A plan that cannot hold one full-length
 sequence is refused.
+
+Prefix caching (engine/memory/prefix_cache.py) is on unless turned off, but never for a model
+that declares a per-sequence state: a recurrent state sums the whole prefix and cannot be
+restored at a block boundary from KV blocks (vLLM's block-aligned state checkpoints would be
+the way), so a hybrid model prefills every prompt in full, and says so once at start-up.
 """
 
 from __future__ import annotations
@@ -34,13 +39,15 @@ class MemoryPlan:
     adapter_slots: int = 0
     kv_bytes: int = 0  # device bytes of the KV cache, for the log
     state_bytes: int = 0
+    prefix_caching: bool = False
 
     def describe(self) -> str:
         states = ", ".join(f"{n} {kind} state slots" for kind, n in self.state_slots.items())
         return (f"{self.num_blocks} KV blocks of {self.block_size} tokens "
                 f"({self.kv_bytes / 2**30:.2f} GiB)"
                 + (f", {states} ({self.state_bytes / 2**30:.2f} GiB)" if states else "")
-                + f", {self.adapter_slots} adapter slots")
+                + f", {self.adapter_slots} adapter slots, prefix caching "
+                + ("on" if self.prefix_caching else "off"))
 
 
 def device_budget(cache: CacheConfig, device: torch.device) -> float:
@@ -86,4 +93,17 @@ def plan_memory(specs: Sequence[MemorySpec], cache: CacheConfig, budget: float,
             f"{cache.block_size} tokens, fewer than one {max_model_len}-token sequence needs; "
             "lower --max-model-len or give the cache more memory")
     return MemoryPlan(cache.block_size, blocks, {kind: num_seqs for kind in kinds},
-                      adapter_slots, blocks * block_bytes, state_bytes)
+                      adapter_slots, blocks * block_bytes, state_bytes,
+                      prefix_caching(cache, kinds))
+
+
+def prefix_caching(cache: CacheConfig, kinds: dict[str, int]) -> bool:
+    """On unless turned off, and never with per-sequence states (see the module doc)."""
+    if cache.enable_prefix_caching is False:
+        return False
+    if kinds:
+        log = logger.warning if cache.enable_prefix_caching else logger.info
+        log("prefix caching is off: this model keeps a per-sequence state (%s) that cached KV "
+            "blocks cannot restore, so every prompt is prefilled in full", ", ".join(kinds))
+        return False
+    return True
