@@ -173,6 +173,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    default=Settings.gpu_memory_utilization,
                    help="fraction of GPU memory the engine may use "
                         f"(default {Settings.gpu_memory_utilization})")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="reuse the KV blocks of prompt prefixes computed before under the same "
+                        "adapter (default: on, except for models with recurrent state)")
 
 
 def _add_lora_flags(p: argparse.ArgumentParser) -> None:
@@ -303,7 +307,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
-        gpu_memory_utilization=args.gpu_memory_utilization, enable_lora=args.enable_lora,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching, enable_lora=args.enable_lora,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras,
         enable_mixed_moe_lora_format=args.enable_mixed_moe_lora_format,

@@ -87,6 +87,11 @@ class EngineStatsCollector(Collector):
                          s.kv_cache_usage)
         yield self._vllm(c, "vllm:num_preemptions", "Requests preempted for KV space.",
                          s.preemptions_total)
+        yield self._vllm(c, "vllm:prefix_cache_queries",
+                         "Prefix cache queries, in tokens looked up.",
+                         s.prefix_cache_queries_total)
+        yield self._vllm(c, "vllm:prefix_cache_hits", "Prefix cache hits, in tokens found.",
+                         s.prefix_cache_hits_total)
         yield self._cache_config(s)
         info = GaugeMetricFamily(
             "vllm:lora_requests_info", "Running and waiting adapters; value is a timestamp.",
@@ -99,7 +104,7 @@ class EngineStatsCollector(Collector):
     def _cache_config(self, s) -> Metric:
         """vLLM's CacheConfig as labels of a gauge set to 1 (routers read block_size)."""
         config = {"block_size": str(s.block_size), "num_gpu_blocks": str(s.kv_blocks_total),
-                  "cache_dtype": "auto", "enable_prefix_caching": "False",
+                  "cache_dtype": "auto", "enable_prefix_caching": str(s.prefix_caching),
                   "engine": self.labels[1]}
         info = GaugeMetricFamily("vllm:cache_config_info", "The engine's KV-cache config.",
                                  labels=list(config))

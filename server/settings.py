@@ -121,6 +121,7 @@ class Settings:
     num_kv_blocks: int | None = CacheConfig.num_blocks
     kv_cache_memory_gb: float = CacheConfig.kv_cache_memory_gb
     gpu_memory_utilization: float = CacheConfig.gpu_memory_utilization
+    enable_prefix_caching: bool | None = CacheConfig.enable_prefix_caching
     enable_lora: bool = LoraConfig.enabled
     max_loras: int = LoraConfig.max_loras
     max_lora_rank: int = LoraConfig.max_lora_rank
@@ -192,7 +193,8 @@ class Settings:
                 block_size=self.block_size, num_blocks=self.num_kv_blocks,
                 kv_cache_memory_gb=self.kv_cache_memory_gb,
                 gpu_memory_utilization=self.gpu_memory_utilization,
-                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                enable_prefix_caching=self.enable_prefix_caching, max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
                 max_model_len=self.max_model_len, enabled=self.enable_lora,
                 max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
                 max_cpu_loras=self.max_cpu_loras,

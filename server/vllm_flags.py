@@ -5,7 +5,8 @@ Each `Compat` flag is parsed by argparse (so `--help` lists it) and judged after
 that means what loramux does anyway is accepted quietly (`-tp 1`, `--kv-cache-dtype auto`), a
 harmless one is accepted with one warning line (`--trust-remote-code`), and one that cannot be
 honoured stops start-up with one line (`-tp 2`, `--kv-cache-dtype fp8`). Flags that loramux
-implements (`--model`, `--max-model-len 32k`, `--generation-config`, ...) live in server/cli.py.
+implements (`--model`, `--max-model-len 32k`, `--enable-prefix-caching`, ...) live in
+server/cli.py.
 Names and spellings follow vLLM's engine/arg_utils.py and entrypoints/common/cli_args.py; as
 vLLM's parser does, `--max_model_len` is read as `--max-model-len`.
 """
@@ -108,11 +109,8 @@ COMPAT: tuple[Compat, ...] = (
     Compat(("--disable-log-requests",), "accepted (loramux does not log requests)",
            switch=True, neutral=("on",)),
     Compat(("--enable-log-requests",), "accepted and ignored", switch=True, warn=_NOT_LOGGED),
-    Compat(("--enable-prefix-caching",), "accepted; prefix caching is not implemented yet",
-           switch=True, warn="prefix caching is not implemented yet; every prompt is "
-                             "prefilled in full"),
-    Compat(("--no-enable-prefix-caching",), "accepted (no prefix caching)", switch=True,
-           neutral=("on",)),
+    Compat(("--prefix-caching-hash-algo",), "accepted and ignored (blocks are keyed by "
+           "BLAKE2b-128)", warn="prefix-cache blocks are keyed by BLAKE2b-128; ignored"),
     Compat(("--enable-chunked-prefill",), "accepted (long prefills are always chunked)",
            switch=True, neutral=("on",)),
     Compat(("--no-enable-chunked-prefill",), "accepted and ignored", switch=True,

@@ -24,11 +24,11 @@ def value(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def five_tokens(server, client, model: str, **labels):
+def five_tokens(server, client, model: str, prompt: str = "the model", **labels):
     """Send a 5-token greedy completion to `model`; (its reply, the change of a sample of
     /metrics across it, with `labels` added to those asked)."""
     before = scrape(server)
-    reply = client.completions.create(model=model, prompt="the model", max_tokens=5,
+    reply = client.completions.create(model=model, prompt=prompt, max_tokens=5,
                                       temperature=0, **NO_EOS)
     after = scrape(server)
 
@@ -67,7 +67,17 @@ def test_vllm_router_metrics_are_exposed(server):
     assert value(samples, "loramux_lora_slots") == 2
     cache = [dict(labels) for (name, labels) in samples if name == "vllm:cache_config_info"]
     assert len(cache) == 1 and cache[0]["block_size"] == "16"  # the server's flags
-    assert cache[0]["num_gpu_blocks"] == "512"
+    assert cache[0]["num_gpu_blocks"] == "512" and cache[0]["enable_prefix_caching"] == "True"
+
+
+def test_prefix_cache_counters_count_the_tokens_a_repeated_prompt_finds(server, client):
+    prompt = "the system prompt of a long story about a small model " * 4
+    client.completions.create(model="demo-2d", prompt=prompt, max_tokens=1)
+    reply, delta = five_tokens(server, client, "demo-2d", prompt, **DEMO)
+    num_tokens = reply.usage.prompt_tokens
+    assert num_tokens > 32
+    assert delta("vllm:prefix_cache_queries_total") == num_tokens
+    assert delta("vllm:prefix_cache_hits_total") == (num_tokens - 1) // 16 * 16
 
 
 def test_vllm_histograms_have_vllms_buckets(server):

@@ -39,6 +39,10 @@ def test_vllm_spellings_of_loramux_flags(tmp_path):
     assert (s.model, s.max_model_len, s.max_num_batched_tokens) == (str(tmp_path), 32_000, 8192)
     assert (s.served_model_names, s.api_keys, s.num_kv_blocks) == (("a", "b"), ("k1", "k2"), 64)
     assert (s.uvicorn_log_level, s.access_log) == ("trace", False)
+    caching = [settings_from_args(args_of(str(tmp_path), *flag)).enable_prefix_caching
+               for flag in ((), ("--enable-prefix-caching",), ("--no-enable-prefix-caching",),
+                            ("--enable_prefix_caching",))]
+    assert caching == [None, True, False, True]
     assert settings_from_args(args_of(str(tmp_path), "--max-model-len", "auto")).max_model_len \
         is None
     with pytest.raises(SettingsError, match="MODEL given twice"):
@@ -50,10 +54,11 @@ def test_neutral_values_are_quiet_and_harmless_ones_warn_once_each():
                  "--disable-log-requests", "--enable-chunked-prefill", "--lora-dtype", "auto",
                  "--response-role", "assistant", "--quantization", "None") == []
     warnings = judge("--trust-remote-code", "--disable-log-stats", "--enable-prefix-caching",
-                     "--lora_dtype", "bfloat16", "-O3", "--fully-sharded-loras")
+                     "--lora_dtype", "bfloat16", "-O3", "--fully-sharded-loras",
+                     "--prefix-caching-hash-algo", "sha256")
     assert sorted(w.split(":")[0] for w in warnings) == [
-        "--disable-log-stats", "--enable-prefix-caching", "--fully-sharded-loras",
-        "--lora-dtype bfloat16", "--optimization-level 3", "--trust-remote-code"]
+        "--disable-log-stats", "--fully-sharded-loras", "--lora-dtype bfloat16",
+        "--optimization-level 3", "--prefix-caching-hash-algo sha256", "--trust-remote-code"]
     assert all("\n" not in w for w in warnings)
 
 
@@ -146,7 +151,8 @@ def test_a_vllm_lora_deployment_line_starts_with_one_warning_per_ignored_flag(
     finally:
         stop_server(srv)
     log = srv.log.read_text()
-    for flag in ("--enable-prefix-caching", "--trust-remote-code", "--disable-log-stats"):
+    for flag in ("--trust-remote-code", "--disable-log-stats"):
         assert log.count(f"WARNING loramux.server.launch: {flag}:") == 1, log
     assert "--kv-cache-dtype" not in log and "--tensor-parallel-size" not in log
+    assert "--enable-prefix-caching" not in log and "prefix caching on" in log  # honoured
     assert rendered["tokens"] == expected["tokens"]
