@@ -79,6 +79,28 @@ def profile(llm: LLM, concurrency: int, steps: int, loras: list) -> None:
         core.step()
 
 
+def write_checkpoint(root: Path, config: dict, lora: bool) -> tuple[str, list]:
+    """config.json in root/model (the weights are dummy) and, with `lora`, a random 2D and a
+    random 3D adapter (rank 16, attention + experts): (model dir, adapters, or [None])."""
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text(json.dumps(config))
+    if not lora:
+        return str(root / "model"), [None]
+    loras = []
+    for i, layout in enumerate(("2d", "3d")):
+        write_random_adapter(root / layout, config, layout=layout, seed=i, rank=16, alpha=32)
+        loras.append(LoRARequest(f"bench-{layout}", i + 1, str(root / layout)))
+    return str(root / "model"), loras
+
+
+def report(results: dict, out: Path | None) -> None:
+    """Print the results as JSON, and write them to `out` if given."""
+    text = json.dumps(results, indent=1)
+    if out:
+        out.write_text(text)
+    print(text, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,16 +117,9 @@ def main() -> None:
                              "and print the ops that took the most host and device time")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    root = Path(tempfile.mkdtemp())
     config = {**QWEN3_30B_A3B, "num_hidden_layers": args.layers}
-    (root / "model").mkdir()
-    (root / "model" / "config.json").write_text(json.dumps(config))
-    loras: list = [] if args.lora else [None]
-    if args.lora:
-        for i, layout in enumerate(("2d", "3d")):
-            write_random_adapter(root / layout, config, layout=layout, seed=i, rank=16, alpha=32)
-            loras.append(LoRARequest(f"bench-{layout}", i + 1, str(root / layout)))
-    llm = LLM(str(root / "model"), load_format="dummy", dtype="bfloat16",
+    model, loras = write_checkpoint(Path(tempfile.mkdtemp()), config, args.lora)
+    llm = LLM(model, load_format="dummy", dtype="bfloat16",
               kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
               max_num_seqs=max(args.concurrency),
               max_num_batched_tokens=8192, max_model_len=4096,
@@ -119,10 +134,7 @@ def main() -> None:
     summary = {"gpu": torch.cuda.get_device_name(), "layers": args.layers, "lora": args.lora,
                "kernel_backend": args.kernel_backend, "enforce_eager": args.enforce_eager,
                "results": results}
-    text = json.dumps(summary, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    print(text, flush=True)
+    report(summary, args.out)
 
 
 if __name__ == "__main__":
