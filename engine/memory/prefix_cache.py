@@ -11,7 +11,8 @@ the same whole prefix. A block gets its key when the step that fills it is sched
 writes all of a step's K/V before its attention reads any, so a sequence admitted later in the
 same step may already share them. A waiting sequence takes the longest run of its full blocks
 whose keys are cached, leaving at least one token to compute (the last position's logits give
-the next token), and prefills only the rest. The pool (kv_blocks.py) counts each block's holders
+the next token) and every prompt position whose prompt logprobs it has still to score, and
+prefills only the rest. The pool (kv_blocks.py) counts each block's holders
 and evicts free cached blocks least recently freed first.
 
 Counters are vLLM's, in tokens: queries (the tokens of every sequence admitted) and hits (those
@@ -43,8 +44,12 @@ class PrefixCache:
 
     def lookup(self, seq: Sequence) -> list[int]:
         """The cached blocks of the longest chain of seq's full blocks, one token short of all
-        its tokens at most (nothing is taken; `count` records the lookup once admitted)."""
+        its tokens at most, and none past the prompt positions it has still to score for
+        prompt logprobs (their logits must be computed). Nothing is taken; `count` records
+        the lookup once the sequence is admitted."""
         num_blocks = (seq.num_tokens - 1) // self.blocks.block_size
+        if seq.prompt_logprobs is not None:
+            num_blocks = min(num_blocks, len(seq.prompt_logprobs) // self.blocks.block_size)
         keys = self._keys(seq, num_blocks)
         found: list[int] = []
         for i in range(num_blocks):

@@ -241,6 +241,29 @@ def test_a_shared_prefix_is_computed_once(setup):
     assert sum(fed[True]) == 64 + count * 8 and sum(fed[False]) == count * 72
 
 
+def test_prompt_logprobs_are_scored_from_computed_positions_only(setup):
+    """A request for prompt logprobs takes no cached blocks before its unscored positions (a
+    recompute after preemption may take the ones it has scored); its plain siblings may."""
+    path, _, _ = setup
+    batch = prompts(2)
+    scoring = SamplingParams(n=2, temperature=0, max_tokens=3, prompt_logprobs=2)
+    off = LLM(path, enable_prefix_caching=False, **KW).generate(batch[:1], scoring)[0]
+    for num_blocks in (None, 13):  # roomy, and so tight that the two samples preempt
+        llm = LLM(path, **dict(KW, num_blocks=num_blocks))
+        llm.generate(batch, GREEDY)  # the prompt is cached before the scoring request
+        before = hits(llm)
+        out = llm.generate(batch[:1], scoring)[0]
+        assert [(e.token_id, e.rank) for e in out.prompt_logprobs[1:]] == [
+            (e.token_id, e.rank) for e in off.prompt_logprobs[1:]]
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(
+            out.prompt_logprobs[1:], off.prompt_logprobs[1:])) < 1e-5
+        assert token_ids([out]) == token_ids([off])
+        if num_blocks is None:
+            assert hits(llm)[1] - before[1] == len(PREFIX)  # the second sample's hits only
+        else:
+            assert llm.core.scheduler.num_preemptions > 0
+
+
 def test_eviction_and_preemption_under_a_tiny_pool_keep_outputs_right(setup):
     path, _, adapters = setup
     ps, params, loras = workload(adapters)
