@@ -16,6 +16,7 @@ COPY pyproject.toml constraints.txt README.md LICENSE ./
 COPY server ./server
 COPY engine ./engine
 COPY kernels ./kernels
+COPY ray_serve ./ray_serve
 # The Makefile's install commands: torch first, pinned, then the project, both constrained.
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/python -m pip install -q --upgrade pip \

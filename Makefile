@@ -40,10 +40,12 @@ serve: install
 test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Resolves each install step above against PyPI alone and prints what it would install.
+# Resolves each install step above against PyPI alone and prints what it would install, and
+# the optional Ray Serve extra (`pip install -e '.[ray]'`, for loramux.ray_serve).
 check-install:
 	$(PIP_FRESH) $(CONSTRAINTS) $(TORCH) | python3 .ci/summarize_report.py torch
 	$(PIP_FRESH) $(CONSTRAINTS) $(TORCH) -e '.[dev]' | python3 .ci/summarize_report.py project
+	$(PIP_FRESH) $(CONSTRAINTS) $(TORCH) -e '.[dev,ray]' | python3 .ci/summarize_report.py ray
 
 clean:
 	rm -rf $(VENV) build *.egg-info

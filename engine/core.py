@@ -171,6 +171,7 @@ class EngineCore:
         if self.lora is not None:
             stats.adapter_loads_total = self.lora.loads_total
             stats.adapter_evictions_total = self.lora.evictions_total
+            stats.adapter_reads_total = self.lora.reads_total
         return stats
 
     # --- the step --------------------------------------------------------------------------

@@ -86,6 +86,9 @@ def ensure_demo(home: Path | None = None) -> Demo:
     write_random_adapter(tmp / "adapter-2d", _MODEL, layout="2d", seed=2)
     write_random_adapter(tmp / "adapter-3d", _MODEL, layout="3d", seed=3)
     (tmp / "COMPLETE").write_text(DEMO_VERSION)
+    if (home / "COMPLETE").is_file():  # another process (a replica) finished first: use its
+        shutil.rmtree(tmp)
+        return demo
     if home.exists():
         shutil.rmtree(home)
     tmp.rename(home)

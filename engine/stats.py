@@ -19,6 +19,7 @@ class EngineStats:
     adapter_residency: dict[str, str] = field(default_factory=dict)
     adapter_loads_total: int = 0
     adapter_evictions_total: int = 0
+    adapter_reads_total: int = 0  # reads of adapter files from disk (loads and re-reads)
     preemptions_total: int = 0
     steps_total: int = 0  # steps that ran the model
     prefix_caching: bool = False

@@ -50,14 +50,14 @@ def _sampling_defaults_notes(settings: Settings) -> None:
                        ", ".join(unapplied))
 
 
-def _build_engine(settings: Settings) -> Engine:
+def build_engine(settings: Settings) -> Engine:
     try:
         return Engine(settings.to_engine_config())
     except (EngineError, SettingsError, ValueError, OSError) as exc:
         sys.exit(f"loramux: error: cannot load model {settings.model}: {exc}")
 
 
-async def _load_static_adapters(settings: Settings, app: FastAPI) -> None:
+async def load_static_adapters(settings: Settings, app: FastAPI) -> None:
     for module in settings.lora_modules:
         try:
             await app.state.server.models.load_static(module)
@@ -67,16 +67,20 @@ async def _load_static_adapters(settings: Settings, app: FastAPI) -> None:
                      f"load: {exc}")
 
 
-async def _serve(settings: Settings, engine: Engine) -> None:
-    app = create_app(engine, settings)  # its lifespan starts and stops the engine loop
-    await _load_static_adapters(settings, app)
+def http_server(settings: Settings, app: FastAPI) -> DrainingServer:
     # after the drain, connections get CUT_GRACE_S to send their last bytes
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.uvicorn_log_level or settings.log_level,
                             access_log=settings.access_log,
                             timeout_graceful_shutdown=CUT_GRACE_S)
+    return DrainingServer(config, app.state.server.drain)
+
+
+async def _serve(settings: Settings, engine: Engine) -> None:
+    app = create_app(engine, settings)  # its lifespan starts and stops the engine loop
+    await load_static_adapters(settings, app)
     logger.info("serving %s on http://%s:%d", settings.base_name, settings.host, settings.port)
-    await DrainingServer(config, app.state.server.drain).serve()
+    await http_server(settings, app).serve()
 
 
 def run(settings: Settings, warnings: list[str] = ()) -> int:
@@ -85,6 +89,6 @@ def run(settings: Settings, warnings: list[str] = ()) -> int:
     for warning in warnings:
         logger.warning("%s", warning)
     _sampling_defaults_notes(settings)
-    engine = _build_engine(settings)
+    engine = build_engine(settings)
     asyncio.run(_serve(settings, engine))
     return 0

@@ -119,6 +119,8 @@ class EngineStatsCollector(Collector):
                        s.adapter_loads_total)
         yield _counter("loramux_adapter_evictions", "Adapters evicted from GPU slots.",
                        s.adapter_evictions_total)
+        yield _counter("loramux_adapter_reads", "Reads of adapter files from disk (loads, and "
+                       "re-reads after leaving the CPU cache).", s.adapter_reads_total)
         yield _counter("loramux_preemptions", "Requests preempted for KV space.",
                        s.preemptions_total)
         yield _gauge("loramux_engine_alive", "1 while the engine loop runs.", int(s.is_alive))

@@ -33,6 +33,7 @@ class AdapterResolver:
     def __init__(self, directory: Path, engine, on_load: Callable[[str], None]) -> None:
         self.dir = directory.resolve()
         self.engine, self.on_load = engine, on_load
+        self.loaded: set[str] = set()  # names this resolver loaded (they may be unloaded since)
         self._loads: dict[str, asyncio.Task] = {}
 
     async def load(self, name: str) -> bool:
@@ -76,6 +77,7 @@ class AdapterResolver:
                                                    f"cannot be served: {message}",
                                "model") from exc
             logger.info("adapter %s loaded on demand from the resolver directory", name)
+            self.loaded.add(name)
             self.on_load(name)
             return True
         finally:

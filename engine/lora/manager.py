@@ -77,6 +77,7 @@ class LoraManager:
         self.loads_total = 0  # adapter copies into GPU slots
         self.evictions_total = 0  # adapters pushed out of a GPU slot for another
         self.disk_reads_total = 0  # re-reads of adapters that had left the CPU cache
+        self.reads_total = 0  # every read of an adapter's files: first loads and re-reads
 
     # --- registry (any thread) -------------------------------------------------------------
     def read(self, req: LoRARequest, expected: Fingerprint | None = None) -> LoraAdapter:
@@ -84,6 +85,7 @@ class LoraManager:
 
         expected: a re-read, whose files must match this fingerprint (AdapterFilesChanged).
         """
+        self.reads_total += 1
         return read_adapter(
             req.lora_name, req.lora_path, self.model_config, self.config.max_lora_rank,
             is_3d_lora_weight=req.is_3d_lora_weight, native_layout=self.native_layout,
