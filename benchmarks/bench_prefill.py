@@ -24,22 +24,18 @@ import argparse
 import json
 import logging
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from loramux.engine import LLM, LoRARequest, SamplingParams
-from loramux.engine.demo import write_random_adapter
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_decode import QWEN3_30B_A3B, report  # noqa: E402
+from loramux.engine import LLM, LoRARequest, SamplingParams  # noqa: E402
+from loramux.engine.demo import write_random_adapter  # noqa: E402
 
-QWEN3_30B_A3B = dict(
-    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
-    hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
-    norm_topk_prob=True, rms_norm_eps=1e-6, max_position_embeddings=40960, rope_theta=1e6,
-    tie_word_embeddings=False, dtype="bfloat16", eos_token_id=151645,
-)
 TINY = dict(QWEN3_30B_A3B, vocab_size=512, hidden_size=64, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
             moe_intermediate_size=32, intermediate_size=128, dtype="float32")
@@ -196,10 +192,7 @@ def main() -> None:
         seconds = prefill(make_llm(root, config, args, args.long), 1, tokens, loras, "long")
         summary["long"] = {"max_model_len": args.long, "prompt_tokens": tokens,
                            "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds)}
-    text = json.dumps(summary, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    print(text, flush=True)
+    report(summary, args.out)
 
 
 if __name__ == "__main__":

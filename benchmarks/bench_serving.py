@@ -34,7 +34,8 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_prefill import QWEN3_30B_A3B, TINY, sync, write_adapters  # noqa: E402
+from benchmarks.bench_decode import QWEN3_30B_A3B, report  # noqa: E402
+from benchmarks.bench_prefill import TINY, sync, write_adapters  # noqa: E402
 from loramux.engine import LLM, SamplingParams  # noqa: E402
 
 
@@ -201,10 +202,7 @@ def main() -> None:
     summary = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "layers": args.layers, "lora": args.lora, "prompt_len": args.prompt_len,
                "max_tokens": args.max_tokens, "results": rows}
-    text = json.dumps(summary, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    print(text, flush=True)
+    report(summary, args.out)
 
 
 if __name__ == "__main__":
