@@ -1,7 +1,9 @@
 """Kernel benchmarks on one GPU: fused MoE, MoE-LoRA and dense LoRA against the memory roofline.
 
     python3 benchmarks/bench_kernels.py [--sweep] [--sweep-gemm] [--sweep-only] [--moe-lora]
-        [--out results.json]
+        [--fused-ops] [--out results.json]
+
+--fused-ops: only the fused elementwise ops against the torch sequences they replace, at 1 / 64 / 256 / 8192 tokens (benchmarks/_fused_ops.py).
 
 bf16; cold-L2 CUDA-graph timing (benchmarks/_timing.py); x ~ N(0, 1), weights and A ~ N(0, 1/in),
 B ~ N(0, 1/r); tokens given to adapters in contiguous request segments; routing = top-8 of the
@@ -20,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import _sweep  # noqa: E402
+from benchmarks import _fused_ops, _sweep  # noqa: E402
 from benchmarks._sweep import random_moe_lora, segment_slots  # noqa: E402
 from benchmarks._timing import eager_time_us, graph_time_us, roofline_us  # noqa: E402
 from loramux.kernels import LoraMeta, lora, moe_lora, reference, triton_ops  # noqa: E402
@@ -132,10 +134,20 @@ def main() -> None:
     parser.add_argument("--moe-lora", action="store_true",
                         help="only the Qwen3-30B-A3B rank-16 MoE rows (16 adapters at 1-256 "
                              "tokens, 64 adapters at 1024), without the twin")
+    parser.add_argument("--fused-ops", action="store_true",
+                        help="only the fused elementwise ops against their torch sequences")
     parser.add_argument("--out", type=Path, help="write all rows as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
+    if args.fused_ops:
+        print("| op | tokens | MB moved | fused us (% of 4.3 TB/s) | torch us (%) | speed-up |")
+        for row in _fused_ops.fused_op_rows():
+            rows.append(row)
+            print(_fused_ops.fmt(row), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1, default=str))
+        return
     shape = MOE_SHAPES["qwen3-30b-a3b"]
     if args.sweep_gemm:
         rows += _sweep.gemm_sweep(_randn, routing, shape)

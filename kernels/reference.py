@@ -5,6 +5,9 @@ Shape letters: T tokens, D_in/D_out around a linear, S adapter slots, R the slot
 LoRA scale (alpha/r or alpha/sqrt(r)) is folded into B when an adapter is written to a slot,
 so no op takes a scale. Ranks below R are zero-padded, which adds nothing.
 Attention letters: B sequences, N/G query/KV heads, D head dim, W block-table width.
+The elementwise twins (rms_norm, fused_add_rms_norm) are exactly the model's torch code,
+rounding order included (transformers' order), so a CPU run stays bit-identical to
+transformers; their Triton versions keep the same casts.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import torch.nn.functional as F
 from loramux.kernels.gated_delta import causal_conv1d, gated_delta_rule
 from loramux.kernels.meta import LoraMeta
 
-__all__ = ["MoeLora", "causal_conv1d", "fused_experts", "gated_delta_rule", "lora_delta",
-           "paged_decode_attention", "paged_prefill_attention"]
+__all__ = ["MoeLora", "causal_conv1d", "fused_add_rms_norm", "fused_experts", "gated_delta_rule",
+           "lora_delta", "paged_decode_attention", "paged_prefill_attention", "rms_norm"]
 
 # The twins read device values on the host (unique, nonzero), so a CUDA graph cannot hold them.
 CUDA_GRAPH_SAFE = False
@@ -248,3 +251,46 @@ def paged_prefill_attention(
                                             enable_gqa=True)
         out[start:end] = oi[0].transpose(0, 1)
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             zero_centred: bool) -> torch.Tensor:
+    """RMSNorm over the last dim, float32 inside (transformers' order).
+
+    Semantics (h = x in float32, n = h / sqrt(mean(h^2) + eps)):
+        plain:        weight * n.to(x.dtype)               (the product in the model dtype)
+        zero_centred: (n * (1 + weight.float())).to(x.dtype)   (Qwen3.5 / Qwen3-Next)
+    Args:
+        x: [..., D]; weight: [D]
+    Returns:
+        [..., D] in x.dtype
+    """
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if zero_centred:
+        return (h * (1.0 + weight.float())).to(x.dtype)
+    return weight * h.to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    zero_centred: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm (vLLM's fused_add_rms_norm, out of place).
+
+    Semantics:
+        s = x + residual        (in the model dtype; s = x when residual is None)
+        return rms_norm(s, weight, eps, zero_centred), s
+    Args:
+        x:        [T, H]  the sublayer output (or the embeddings, with residual None)
+        residual: [T, H]  the running residual stream, or None
+        weight:   [H]
+    Returns:
+        (normed [T, H], new residual [T, H]), both in x.dtype
+    """
+    if residual is not None:
+        x = x + residual
+    return rms_norm(x, weight, eps, zero_centred), x

@@ -1,5 +1,8 @@
 """Triton backend of the loramux ops, with exactly the signatures of the torch twins.
 
+Besides attention, LoRA and the experts: the fused elementwise ops of every layer
+(fused_add_rms_norm), one launch each.
+
 fused_experts runs, per MoE layer: moe_align (skipped in naive mode) -> [LoRA gate_up delta] ->
 gate_up GEMM with SiLU*up -> [LoRA down delta] -> down GEMM with routing weight -> sum over K.
 The LoRA launches are skipped when no token of the step has a slot (meta.has_lora is False).
@@ -18,11 +21,12 @@ from loramux.kernels.meta import LoraMeta
 from loramux.kernels.moe import gemm_config, moe_gemm
 from loramux.kernels.moe_align import moe_align, needs_alignment
 from loramux.kernels.moe_lora import moe_lora_delta
+from loramux.kernels.norm import fused_add_rms_norm
 from loramux.kernels.prefill_attention import paged_prefill_attention
 from loramux.kernels.reference import MoeLora
 
-__all__ = ["causal_conv1d", "fused_experts", "gated_delta_rule", "lora_delta",
-           "paged_decode_attention", "paged_prefill_attention"]
+__all__ = ["causal_conv1d", "fused_add_rms_norm", "fused_experts", "gated_delta_rule",
+           "lora_delta", "paged_decode_attention", "paged_prefill_attention"]
 
 # Every op launches a fixed grid and reads no device value on the host: CUDA graphs may hold them.
 CUDA_GRAPH_SAFE = True

@@ -42,7 +42,8 @@ class Attention(nn.Module):
     """qkv projection (fused, LoRA-capable), optional q/k RMSNorm and clip, RoPE, paged
     attention, o projection.
 
-    q/k norm: "per_head" (Qwen3-MoE, over D) or "full" (OLMoE, over all heads before reshape).
+    q/k norm: "per_head" (Qwen3-MoE, over D) or "full" (OLMoE, over all heads before reshape,
+    by ops.fused_add_rms_norm without a residual).
     Gated (hybrids: Qwen3.5, Qwen3-Next): q_proj gives per head [query (D); gate (D)], the
     q/k norms are zero-centred, and the attention output is multiplied by sigmoid(gate).
     """
@@ -95,7 +96,8 @@ class Attention(nn.Module):
             q, gate = q.view(-1, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
             gate = gate.reshape(-1, self.num_heads * self.head_dim)
         if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = (norm.add_norm(self.ops, t, None)[0] for norm, t in
+                    ((self.q_norm, q), (self.k_norm, k)))
         if self.clip is not None:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q = q.view(-1, self.num_heads, self.head_dim)

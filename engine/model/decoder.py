@@ -33,10 +33,16 @@ logger = logging.getLogger(__name__)
 
 class DecoderLayer(nn.Module):
     """Pre-norm token mixer (attention or Gated DeltaNet) then pre-norm MLP (sparse MoE or
-    dense), each with a residual."""
+    dense), each with a residual.
+
+    The residual stream travels beside the layer outputs (vLLM's layout): each norm is one
+    ops.fused_add_rms_norm that first adds the previous sublayer's output to the residual, so a
+    layer makes two such calls and the final norm adds the last MLP output.
+    """
 
     def __init__(self, config: ModelConfig, layer: int, **kw) -> None:
         super().__init__()
+        self.ops = kw["ops"]
         dtype, device = kw["dtype"], kw["device"]
         eps, H, zero = config.rms_norm_eps, config.hidden_size, config.hybrid
         self.input_layernorm = RMSNorm(H, eps, dtype, device, zero_centred=zero)
@@ -51,12 +57,15 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMlp(H, config.intermediate_size, f"layers.{layer}.mlp.", **kw)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
-        """x [T, H] -> [T, H]."""
-        h = self.input_layernorm(x)
-        x = x + (self.linear_attn(h, ctx) if self.is_linear else self.self_attn(h, cos, sin, ctx))
-        return x + self.mlp(self.post_attention_layernorm(x), ctx.lora)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H]: the previous layer's MLP output (the embeddings, with residual None);
+        residual [T, H]: the stream before x was added. -> (this layer's MLP output, the
+        stream before it), the stream being x + residual of the transformers layer."""
+        h, residual = self.input_layernorm.add_norm(self.ops, x, residual)
+        h = self.linear_attn(h, ctx) if self.is_linear else self.self_attn(h, cos, sin, ctx)
+        h, residual = self.post_attention_layernorm.add_norm(self.ops, h, residual)
+        return self.mlp(h, ctx.lora), residual
 
 
 class DecoderModel(nn.Module):
@@ -87,6 +96,7 @@ class MoeForCausalLM(nn.Module):
         self.max_loras, self.max_lora_rank = max_loras, max_rank
         kw = {"ops": ops, "max_loras": max_loras, "max_rank": max_rank, "dtype": dtype,
               "device": device}
+        self.ops = ops
         self.model = DecoderModel(config, **kw)
         self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta, device)
         if config.tie_word_embeddings:
@@ -102,11 +112,11 @@ class MoeForCausalLM(nn.Module):
         """input_ids [T] int64 -> final-normed hidden states [T, H]."""
         assert ctx.lora is None or not ctx.lora.has_lora or self.max_loras > 0, \
             "a step uses LoRA slots but the model was built with max_loras=0"
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         cos, sin = self.rotary(ctx.positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, ctx)
+        return self.model.norm.add_norm(self.ops, x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] -> logits [B, V] float32."""

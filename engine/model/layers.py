@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from loramux.engine.model.lora_linear import LoraLinear, empty_param
-from loramux.kernels import LoraMeta
+from loramux.kernels import LoraMeta, reference
 
 logger = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dim, computed in float32 (transformers' order).
+    """x / rms(x) * weight over the last dim, computed in float32 (transformers' order;
+    kernels.reference.rms_norm).
 
     zero_centred (Qwen3.5, Qwen3-Next): x / rms(x) * (1 + weight), the product in float32; the
     checkpoints store weights around 0, so loading them into the plain form would be wrong.
@@ -33,11 +34,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim] in x's dtype."""
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.zero_centred:
-            return (h * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * h.to(x.dtype)
+        return reference.rms_norm(x, self.weight, self.eps, self.zero_centred)
+
+    def add_norm(self, ops: ModuleType, x: torch.Tensor,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ops.fused_add_rms_norm: x [T, dim] (+ residual) -> (normed, new residual)."""
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps, self.zero_centred)
 
 
 class GatedRMSNorm(RMSNorm):
