@@ -113,8 +113,10 @@ def main() -> None:
     parser.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="after the runs, profile N decode steps at the largest concurrency "
-                             "and print the ops that took the most host and device time")
+                        help="after the runs, profile N decode steps and print the ops that took "
+                             "the most host and device time")
+    parser.add_argument("--profile-concurrency", type=int, default=None, metavar="C",
+                        help="sequences in the profiled steps (default: the largest concurrency)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     config = {**QWEN3_30B_A3B, "num_hidden_layers": args.layers}
@@ -130,7 +132,7 @@ def main() -> None:
         run(llm, c, 4, loras)
         results.append(run(llm, c, args.max_tokens, loras))
     if args.profile:
-        profile(llm, max(args.concurrency), args.profile, loras)
+        profile(llm, args.profile_concurrency or max(args.concurrency), args.profile, loras)
     summary = {"gpu": torch.cuda.get_device_name(), "layers": args.layers, "lora": args.lora,
                "kernel_backend": args.kernel_backend, "enforce_eager": args.enforce_eager,
                "results": results}
