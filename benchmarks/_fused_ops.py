@@ -13,7 +13,7 @@ from loramux.kernels import reference, triton_ops
 
 TOKENS = (1, 64, 256, 8192)
 PEAK_BYTES_PER_S = 4.3e12
-H = 2048
+H, E, K = 2048, 128, 8
 
 
 def _bf16(*shape, shift=0.0):
@@ -26,6 +26,7 @@ def _cases(num_tokens):
     x, residual, weight = _bf16(t, H), _bf16(t, H), _bf16(H, shift=1.0)
     return [
         ("fused_add_rms_norm", 2 * (4 * t * H + H), (x, residual, weight, 1e-6, False)),
+        ("route", t * (2 * E + K * (2 + 8)), (_bf16(t, E), K, True, torch.bfloat16)),
     ]
 
 

@@ -5,8 +5,8 @@ Shape letters: T tokens, D_in/D_out around a linear, S adapter slots, R the slot
 LoRA scale (alpha/r or alpha/sqrt(r)) is folded into B when an adapter is written to a slot,
 so no op takes a scale. Ranks below R are zero-padded, which adds nothing.
 Attention letters: B sequences, N/G query/KV heads, D head dim, W block-table width.
-The elementwise twins (rms_norm, fused_add_rms_norm) are exactly the model's torch code,
-rounding order included (transformers' order), so a CPU run stays bit-identical to
+The elementwise twins (rms_norm, fused_add_rms_norm, route) are exactly the model's torch
+code, rounding order included (transformers' order), so a CPU run stays bit-identical to
 transformers; their Triton versions keep the same casts.
 """
 
@@ -21,7 +21,7 @@ from loramux.kernels.gated_delta import causal_conv1d, gated_delta_rule
 from loramux.kernels.meta import LoraMeta
 
 __all__ = ["MoeLora", "causal_conv1d", "fused_add_rms_norm", "fused_experts", "gated_delta_rule",
-           "lora_delta", "paged_decode_attention", "paged_prefill_attention", "rms_norm"]
+           "lora_delta", "paged_decode_attention", "paged_prefill_attention", "rms_norm", "route"]
 
 # The twins read device values on the host (unique, nonzero), so a CUDA graph cannot hold them.
 CUDA_GRAPH_SAFE = False
@@ -294,3 +294,26 @@ def fused_add_rms_norm(
     if residual is not None:
         x = x + residual
     return rms_norm(x, weight, eps, zero_centred), x
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router: softmax over experts in float32, top-k, optionally renormalised over the k
+    (= Mixtral's softmax over the top-k logits).
+
+    Semantics:
+        p = softmax(router_logits.float())                       # [T, E]
+        weights, ids = topk(p, K)                                # descending
+        if renormalize: weights = weights / sum(weights)
+    Args:
+        router_logits: [T, E]
+    Returns:
+        (topk_weights [T, K] in dtype, topk_ids [T, K] int64)
+    Ties: torch.topk's, which on a CPU picks an unspecified member of equal probabilities at
+    the k-th place; the Triton kernel takes the lowest expert id (as CUDA's torch.topk does).
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(dtype), ids

@@ -25,19 +25,6 @@ from loramux.kernels import LoraMeta, MoeLora
 logger = logging.getLogger(__name__)
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
-          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax (float32) then top-k, optionally renormalized (= Mixtral's softmax over top-k).
-
-    router_logits [T, E] -> topk_weights [T, K] in `dtype`, topk_ids [T, K] int64.
-    """
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(dtype), ids
-
-
 def _moe_lora_buffers(num_slots: int, num_experts: int, hidden: int, inter: int, rank: int,
                       dtype: torch.dtype, device: torch.device) -> MoeLora:
     """Zeroed MoE-LoRA slot buffers (see kernels.MoeLora for the layout)."""
@@ -120,6 +107,7 @@ class SparseMoe(nn.Module):
         kw = {"ops": ops, "max_loras": max_loras, "max_rank": max_rank, "dtype": dtype,
               "device": device}
         self.top_k, self.renormalize = config.top_k, config.norm_topk_prob
+        self.ops = ops
         self.gate = nn.Linear(H, E, bias=False, dtype=dtype, device=device).requires_grad_(False)
         self.experts = MoeExperts(E, H, config.moe_intermediate_size,
                                   f"layers.{layer}.mlp.experts.", **kw)
@@ -132,7 +120,8 @@ class SparseMoe(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
-        topk_weights, topk_ids = route(self.gate(x), self.top_k, self.renormalize, x.dtype)
+        topk_weights, topk_ids = self.ops.route(self.gate(x), self.top_k, self.renormalize,
+                                                x.dtype)
         out = self.experts(x, topk_weights, topk_ids, lora)
         if self.shared_expert is not None:
             shared = self.shared_expert(x, lora)

@@ -1,8 +1,9 @@
 """The fused elementwise ops against their torch twins.
 
 Tiny fp32 / fp16 shapes in the Triton interpreter on a CPU: non-power-of-two widths, one
-token. The residual add and every cast follow the twin's rounding, so fp16 mostly agrees to
-the bit; what differs is the float32 reduction order (a unit in the last place at most).
+token, ties in the router. The residual add and every cast follow the twin's rounding, so
+fp16 mostly agrees to the bit; what differs is the float32 reduction order (a unit in the
+last place at most).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.kernels import norm, reference
+from loramux.kernels import norm, reference, router
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 DTYPES = [torch.float32, torch.float16]
@@ -32,3 +33,37 @@ def test_fused_add_rms_norm(num_tokens, hidden, zero_centred, dtype, gen, poison
         ref, ref_res = reference.fused_add_rms_norm(x, res, weight, 1e-6, zero_centred)
         assert out.dtype == dtype and torch.equal(new_res, ref_res), "the add is the twin's"
         torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def _check_route(logits, top_k, renormalize, dtype):
+    weights, ids = router.route(logits, top_k, renormalize, dtype)
+    ref_w, ref_ids = reference.route(logits, top_k, renormalize, dtype)
+    assert ids.dtype == ref_ids.dtype == torch.int64 and weights.dtype == dtype
+    return weights, ids, ref_w, ref_ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("renormalize", [False, True], ids=["plain", "renorm"])
+@pytest.mark.parametrize("num_tokens,experts,top_k", [(1, 12, 3), (20, 40, 8), (3, 7, 7)])
+def test_route_matches_topk(num_tokens, experts, top_k, renormalize, dtype, gen, poison):
+    logits = _randn(gen, num_tokens, experts, dtype=dtype, scale=2.0)
+    weights, ids, ref_w, ref_ids = _check_route(logits, top_k, renormalize, dtype)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_w, **TOL[dtype])
+
+
+@pytest.mark.parametrize("renormalize", [False, True], ids=["plain", "renorm"])
+def test_route_ties(renormalize, gen, poison):
+    """Rows of few distinct logits: equal probabilities inside the top-k and at the k-th place.
+    The picks are the stable descending order (ties to the lowest expert id); inside the top-k
+    they are torch.topk's experts, and the weights are torch.topk's values."""
+    experts, top_k = 12, 4
+    logits = torch.randint(0, 3, (16, experts), generator=gen).float()
+    weights, ids, ref_w, ref_ids = _check_route(logits, top_k, renormalize, torch.float32)
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    assert torch.equal(ids, order)
+    torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
+    kth = logits.gather(1, order[:, -1:])
+    decided = (logits == kth).sum(-1) == (logits.gather(1, order) == kth).sum(-1)
+    assert decided.any() and (~decided).any(), "the case holds both kinds of rows"
+    assert torch.equal(ids[decided].sort(-1).values, ref_ids[decided].sort(-1).values)
