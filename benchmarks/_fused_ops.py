@@ -13,7 +13,7 @@ from loramux.kernels import reference, triton_ops
 
 TOKENS = (1, 64, 256, 8192)
 PEAK_BYTES_PER_S = 4.3e12
-H, E, K = 2048, 128, 8
+H, E, K, I = 2048, 128, 8, 768
 
 
 def _bf16(*shape, shift=0.0):
@@ -27,6 +27,7 @@ def _cases(num_tokens):
     return [
         ("fused_add_rms_norm", 2 * (4 * t * H + H), (x, residual, weight, 1e-6, False)),
         ("route", t * (2 * E + K * (2 + 8)), (_bf16(t, E), K, True, torch.bfloat16)),
+        ("silu_and_mul", 2 * 3 * t * I, (_bf16(t, 2 * I),)),
     ]
 
 

@@ -5,9 +5,9 @@ Shape letters: T tokens, D_in/D_out around a linear, S adapter slots, R the slot
 LoRA scale (alpha/r or alpha/sqrt(r)) is folded into B when an adapter is written to a slot,
 so no op takes a scale. Ranks below R are zero-padded, which adds nothing.
 Attention letters: B sequences, N/G query/KV heads, D head dim, W block-table width.
-The elementwise twins (rms_norm, fused_add_rms_norm, route) are exactly the model's torch
-code, rounding order included (transformers' order), so a CPU run stays bit-identical to
-transformers; their Triton versions keep the same casts.
+The elementwise twins (rms_norm, fused_add_rms_norm, route, silu_and_mul) are exactly the
+model's torch code, rounding order included (transformers' order), so a CPU run stays
+bit-identical to transformers; their Triton versions keep the same casts.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from loramux.kernels.gated_delta import causal_conv1d, gated_delta_rule
 from loramux.kernels.meta import LoraMeta
 
 __all__ = ["MoeLora", "causal_conv1d", "fused_add_rms_norm", "fused_experts", "gated_delta_rule",
-           "lora_delta", "paged_decode_attention", "paged_prefill_attention", "rms_norm", "route"]
+           "lora_delta", "paged_decode_attention", "paged_prefill_attention", "rms_norm", "route",
+           "silu_and_mul"]
 
 # The twins read device values on the host (unique, nonzero), so a CUDA graph cannot hold them.
 CUDA_GRAPH_SAFE = False
@@ -151,7 +152,7 @@ def fused_experts(
             if has.numel():
                 delta = _expert_lora(xs[has], lora, slots[has], e)
                 gate_up[has] += delta.to(gate_up.dtype)
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        act = silu_and_mul(gate_up)
         down = F.linear(act, w_down[e])
         if use_lora and has.numel():
             down[has] += _down_lora(act[has], lora, slots[has], e).to(down.dtype)
@@ -317,3 +318,13 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(dtype), ids
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SiLU-gated product of a fused gate/up output.
+
+    Semantics: out = silu(x[:, :I]) * x[:, I:], silu rounded to x.dtype before the product.
+    Args: x [T, 2I] (gate columns then up columns). Returns: [T, I] in x.dtype.
+    """
+    inter = x.shape[-1] // 2
+    return F.silu(x[..., :inter]) * x[..., inter:]

@@ -1,7 +1,7 @@
 """Triton backend of the loramux ops, with exactly the signatures of the torch twins.
 
 Besides attention, LoRA and the experts: the fused elementwise ops of every layer
-(fused_add_rms_norm, route), one launch each.
+(fused_add_rms_norm, route, silu_and_mul), one launch each.
 
 fused_experts runs, per MoE layer: moe_align (skipped in naive mode) -> [LoRA gate_up delta] ->
 gate_up GEMM with SiLU*up -> [LoRA down delta] -> down GEMM with routing weight -> sum over K.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from loramux.kernels.activation import silu_and_mul
 from loramux.kernels.attention import paged_decode_attention
 # Gated DeltaNet: the torch twins on CUDA too (tensor ops only, so CUDA graphs can hold a decode
 # step); fla-core's chunked and recurrent kernels are the faster path still to come.
@@ -27,7 +28,8 @@ from loramux.kernels.reference import MoeLora
 from loramux.kernels.router import route
 
 __all__ = ["causal_conv1d", "fused_add_rms_norm", "fused_experts", "gated_delta_rule",
-           "lora_delta", "paged_decode_attention", "paged_prefill_attention", "route"]
+           "lora_delta", "paged_decode_attention", "paged_prefill_attention", "route",
+           "silu_and_mul"]
 
 # Every op launches a fixed grid and reads no device value on the host: CUDA graphs may hold them.
 CUDA_GRAPH_SAFE = True

@@ -89,7 +89,7 @@ class GatedMlp(nn.Module):
         super().__init__()
         kw = {"bias": False, "ops": ops, "max_loras": max_loras, "max_rank": max_rank,
               "dtype": dtype, "device": device}
-        self.inter = inter
+        self.ops = ops
         self.gate_up_proj = LoraLinear(
             hidden, ((prefix + "gate_proj", inter), (prefix + "up_proj", inter)), **kw)
         self.down_proj = LoraLinear(inter, ((prefix + "down_proj", hidden),), **kw)
@@ -97,5 +97,4 @@ class GatedMlp(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
         gate_up = self.gate_up_proj(x, lora)  # [T, 2I]
-        act = F.silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:]
-        return self.down_proj(act, lora)
+        return self.down_proj(self.ops.silu_and_mul(gate_up), lora)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.kernels import norm, reference, router
+from loramux.kernels import activation, norm, reference, router
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 DTYPES = [torch.float32, torch.float16]
@@ -67,3 +67,12 @@ def test_route_ties(renormalize, gen, poison):
     decided = (logits == kth).sum(-1) == (logits.gather(1, order) == kth).sum(-1)
     assert decided.any() and (~decided).any(), "the case holds both kinds of rows"
     assert torch.equal(ids[decided].sort(-1).values, ref_ids[decided].sort(-1).values)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens,inter", [(1, 37), (4, 64)])
+def test_silu_and_mul(num_tokens, inter, dtype, gen, poison):
+    x = _randn(gen, num_tokens, 2 * inter, dtype=dtype, scale=3.0)
+    out = activation.silu_and_mul(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, reference.silu_and_mul(x), **TOL[dtype])
