@@ -13,7 +13,7 @@ from loramux.kernels import reference, triton_ops
 
 TOKENS = (1, 64, 256, 8192)
 PEAK_BYTES_PER_S = 4.3e12
-H, E, K, I = 2048, 128, 8, 768
+H, N, G, D, E, K, I = 2048, 32, 4, 128, 128, 8, 768
 
 
 def _bf16(*shape, shift=0.0):
@@ -24,8 +24,16 @@ def _cases(num_tokens):
     """(op name, bytes moved, args) per fused op at this token count."""
     t = num_tokens
     x, residual, weight = _bf16(t, H), _bf16(t, H), _bf16(H, shift=1.0)
+    qkv = _bf16(t, (N + 2 * G) * D)
+    q = qkv[:, :N * D].view(t, N, D)
+    k = qkv[:, N * D:(N + G) * D].view(t, G, D)
+    positions = torch.randint(0, 4096, (t,), device="cuda")
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, D, 2, device="cuda").float() / D)
+    norm_w = (_bf16(D, shift=1.0), _bf16(D, shift=1.0))
     return [
         ("fused_add_rms_norm", 2 * (4 * t * H + H), (x, residual, weight, 1e-6, False)),
+        ("qk_norm_rope", 2 * (2 * t * (N + G) * D + 2 * D) + 8 * t + 2 * D,
+         (q, k, positions, inv_freq, *norm_w, 1e-6, False)),
         ("route", t * (2 * E + K * (2 + 8)), (_bf16(t, E), K, True, torch.bfloat16)),
         ("silu_and_mul", 2 * 3 * t * I, (_bf16(t, 2 * I),)),
     ]
@@ -45,7 +53,7 @@ def fused_op_rows():
 
 
 def fmt(row):
-    return (f"| {row['name']} | {row['tokens']} | {row['bytes'] / 1e6:.3f} "
+    return (f"| {row['name']} | {row['tokens']} | {row['bytes'] / 1e3:.1f} "
             f"| {row['fused_us']:.1f} ({row['roof_us'] / max(row['fused_us'], 1e-9):.0%}) "
             f"| {row['torch_us']:.1f} ({row['roof_us'] / max(row['torch_us'], 1e-9):.0%}) "
             f"| {row['torch_us'] / max(row['fused_us'], 1e-9):.1f}x |")

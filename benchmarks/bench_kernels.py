@@ -3,7 +3,8 @@
     python3 benchmarks/bench_kernels.py [--sweep] [--sweep-gemm] [--sweep-only] [--moe-lora]
         [--fused-ops] [--out results.json]
 
---fused-ops: only the fused elementwise ops against the torch sequences they replace, at 1 / 64 / 256 / 8192 tokens (benchmarks/_fused_ops.py).
+--fused-ops: only the fused elementwise ops (norm, q/k norm + RoPE, router, SiLU*mul) against
+the torch sequences they replace, at 1 / 64 / 256 / 8192 tokens (benchmarks/_fused_ops.py).
 
 bf16; cold-L2 CUDA-graph timing (benchmarks/_timing.py); x ~ N(0, 1), weights and A ~ N(0, 1/in),
 B ~ N(0, 1/r); tokens given to adapters in contiguous request segments; routing = top-8 of the
@@ -141,7 +142,7 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     if args.fused_ops:
-        print("| op | tokens | MB moved | fused us (% of 4.3 TB/s) | torch us (%) | speed-up |")
+        print("| op | tokens | KB moved | fused us (% of 4.3 TB/s) | torch us (%) | speed-up |")
         for row in _fused_ops.fused_op_rows():
             rows.append(row)
             print(_fused_ops.fmt(row), flush=True)

@@ -13,8 +13,10 @@ __all__ = ["LoraMeta", "LoraMetaBuffers", "MoeLora", "select_ops"]
 
 
 def select_ops(device: torch.device, backend: str = "auto") -> ModuleType:
-    """The op module the engine uses: `lora_delta`, `fused_experts` and `paged_decode_attention`
-    with the twins' signatures, and CUDA_GRAPH_SAFE (whether a CUDA graph may capture them).
+    """The op module the engine uses: `lora_delta`, `fused_experts`, the paged attentions, the
+    Gated DeltaNet ops and the fused elementwise ops (`fused_add_rms_norm`, `qk_norm_rope`,
+    `route`, `silu_and_mul`) with the twins' signatures, and CUDA_GRAPH_SAFE (whether a CUDA
+    graph may capture them).
 
     backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
     """

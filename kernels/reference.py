@@ -4,10 +4,11 @@ Shape letters: T tokens, D_in/D_out around a linear, S adapter slots, R the slot
 (--max-lora-rank), E experts, K top-k, H hidden, I expert intermediate size.
 LoRA scale (alpha/r or alpha/sqrt(r)) is folded into B when an adapter is written to a slot,
 so no op takes a scale. Ranks below R are zero-padded, which adds nothing.
-Attention letters: B sequences, N/G query/KV heads, D head dim, W block-table width.
-The elementwise twins (rms_norm, fused_add_rms_norm, route, silu_and_mul) are exactly the
-model's torch code, rounding order included (transformers' order), so a CPU run stays
-bit-identical to transformers; their Triton versions keep the same casts.
+Attention letters: B sequences, N/G query/KV heads, D head dim, W block-table width, R the
+rotary dims of a head (R <= D; in rope ops only).
+The elementwise twins (rms_norm, fused_add_rms_norm, qk_norm_rope, route, silu_and_mul) are
+exactly the model's torch code, rounding order included (transformers' order), so a CPU run
+stays bit-identical to transformers; their Triton versions keep the same casts.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from loramux.kernels.gated_delta import causal_conv1d, gated_delta_rule
 from loramux.kernels.meta import LoraMeta
 
 __all__ = ["MoeLora", "causal_conv1d", "fused_add_rms_norm", "fused_experts", "gated_delta_rule",
-           "lora_delta", "paged_decode_attention", "paged_prefill_attention", "rms_norm", "route",
-           "silu_and_mul"]
+           "lora_delta", "paged_decode_attention", "paged_prefill_attention", "qk_norm_rope",
+           "rms_norm", "route", "silu_and_mul"]
 
 # The twins read device values on the host (unique, nonzero), so a CUDA graph cannot hold them.
 CUDA_GRAPH_SAFE = False
@@ -295,6 +296,57 @@ def fused_add_rms_norm(
     if residual is not None:
         x = x + residual
     return rms_norm(x, weight, eps, zero_centred), x
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] int, inv_freq [R/2] float32 -> cos, sin [T, R] in dtype:
+    angle[t, i] = positions[t] * inv_freq[i % (R/2)] in float32 (rotate-half layout)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the first R dims of each head; the rest pass through.
+    x [T, heads, D]; cos, sin [T, R], R <= D; products and sum in x.dtype."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    zero_centred: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k (when weights are given), then rotate-half RoPE on the first
+    R = 2 * len(inv_freq) dims of every head (partial rotary: dims R..D pass through).
+
+    Semantics (x a head of q or k, w its norm weight, h = R / 2, i < R):
+        x = rms_norm(x, w, eps, zero_centred)                     (if q_weight is not None)
+        c, s = cos(p * inv_freq[i % h]), sin(...) in float32, then cast to the model dtype
+        rot[i] = -x[i + h] if i < h else x[i - h]
+        out[i] = x[i] * c + rot[i] * s   (each product and the sum rounded to the model dtype)
+    Args:
+        q: [T, N, D], k: [T, G, D] (any strides with a contiguous last dim)
+        positions: [T] int; inv_freq: [R/2] float32
+        q_weight, k_weight: [D] or None (no per-head q/k norm)
+    Returns:
+        (q [T, N, D], k [T, G, D]) new contiguous tensors in q.dtype
+    """
+    if q_weight is not None:
+        q, k = rms_norm(q, q_weight, eps, zero_centred), rms_norm(k, k_weight, eps, zero_centred)
+    cos, sin = rope_cos_sin(positions, inv_freq, q.dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,

@@ -1,7 +1,7 @@
 """Triton backend of the loramux ops, with exactly the signatures of the torch twins.
 
 Besides attention, LoRA and the experts: the fused elementwise ops of every layer
-(fused_add_rms_norm, route, silu_and_mul), one launch each.
+(fused_add_rms_norm, qk_norm_rope, route, silu_and_mul), one launch each.
 
 fused_experts runs, per MoE layer: moe_align (skipped in naive mode) -> [LoRA gate_up delta] ->
 gate_up GEMM with SiLU*up -> [LoRA down delta] -> down GEMM with routing weight -> sum over K.
@@ -25,11 +25,12 @@ from loramux.kernels.moe_lora import moe_lora_delta
 from loramux.kernels.norm import fused_add_rms_norm
 from loramux.kernels.prefill_attention import paged_prefill_attention
 from loramux.kernels.reference import MoeLora
+from loramux.kernels.rope import qk_norm_rope
 from loramux.kernels.router import route
 
 __all__ = ["causal_conv1d", "fused_add_rms_norm", "fused_experts", "gated_delta_rule",
-           "lora_delta", "paged_decode_attention", "paged_prefill_attention", "route",
-           "silu_and_mul"]
+           "lora_delta", "paged_decode_attention", "paged_prefill_attention", "qk_norm_rope",
+           "route", "silu_and_mul"]
 
 # Every op launches a fixed grid and reads no device value on the host: CUDA graphs may hold them.
 CUDA_GRAPH_SAFE = True

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from loramux.engine.model.forward import ForwardContext
 from loramux.engine.config import ModelConfig
 from loramux.engine.memory.specs import PagedKV
-from loramux.engine.model.layers import RMSNorm, apply_rope
+from loramux.engine.model.layers import RMSNorm, RotaryEmbedding
 from loramux.engine.model.lora_linear import LoraLinear
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,9 @@ class Attention(nn.Module):
     """qkv projection (fused, LoRA-capable), optional q/k RMSNorm and clip, RoPE, paged
     attention, o projection.
 
-    q/k norm: "per_head" (Qwen3-MoE, over D) or "full" (OLMoE, over all heads before reshape,
-    by ops.fused_add_rms_norm without a residual).
+    q/k norm: "per_head" (Qwen3-MoE, over D; fused with RoPE in ops.qk_norm_rope) or "full"
+    (OLMoE, over all heads before reshape, by ops.fused_add_rms_norm without a residual; RoPE
+    alone then).
     Gated (hybrids: Qwen3.5, Qwen3-Next): q_proj gives per head [query (D); gate (D)], the
     q/k norms are zero-centred, and the attention output is multiplied by sigmoid(gate).
     """
@@ -75,6 +76,7 @@ class Attention(nn.Module):
             norm = {"eps": config.rms_norm_eps, "dtype": dtype, "device": device,
                     "zero_centred": config.hybrid}
             self.q_norm, self.k_norm = RMSNorm(q_dim, **norm), RMSNorm(k_dim, **norm)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta, device)
         self.dtype = dtype
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -87,7 +89,7 @@ class Attention(nn.Module):
         self.k_cache, self.v_cache = tensors["k"], tensors["v"]
 
     def _project(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, ...]:
-        """x [T, H] -> q [T, N, D], k [T, G, D], v [T, G, D] before RoPE, and the output
+        """x [T, H] -> q [T, N, D], k [T, G, D] (normed, rotated), v [T, G, D], and the output
         gate [T, N*D] (None unless gated)."""
         qkv = self.qkv_proj(x, ctx.lora)
         q, k, v = qkv.split(self.qkv_proj.out_splits, dim=-1)
@@ -102,15 +104,16 @@ class Attention(nn.Module):
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm == "per_head":
-            q, k = self.q_norm(q), self.k_norm(k)
+        per_head = self.qk_norm == "per_head"
+        q, k = self.ops.qk_norm_rope(
+            q, k, ctx.positions, self.rotary.inv_freq,
+            self.q_norm.weight if per_head else None, self.k_norm.weight if per_head else None,
+            self.q_norm.eps if per_head else 0.0, per_head and self.q_norm.zero_centred)
         return q, k, v.view(-1, self.num_kv_heads, self.head_dim), gate
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x [T, H] -> [T, H]; writes this step's K/V into the bound cache."""
         q, k, v, gate = self._project(x, ctx)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = ctx.attn
         write_kv(self.k_cache, self.v_cache, k, v, attn.slot_mapping)
         with sdpa_kernel(_SDPA_BACKENDS):

@@ -24,7 +24,7 @@ from loramux.engine.lora.weights import LoraWeights
 from loramux.engine.memory.specs import MemoryModule
 from loramux.engine.model.attention import Attention
 from loramux.engine.model.gdn import GatedDeltaNet
-from loramux.engine.model.layers import GatedMlp, RMSNorm, RotaryEmbedding
+from loramux.engine.model.layers import GatedMlp, RMSNorm
 from loramux.engine.model.lora_linear import LoraLinear
 from loramux.engine.model.moe import MoeExperts, SparseMoe
 
@@ -57,13 +57,13 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMlp(H, config.intermediate_size, f"layers.{layer}.mlp.", **kw)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-                sin: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H]: the previous layer's MLP output (the embeddings, with residual None);
         residual [T, H]: the stream before x was added. -> (this layer's MLP output, the
         stream before it), the stream being x + residual of the transformers layer."""
         h, residual = self.input_layernorm.add_norm(self.ops, x, residual)
-        h = self.linear_attn(h, ctx) if self.is_linear else self.self_attn(h, cos, sin, ctx)
+        h = self.linear_attn(h, ctx) if self.is_linear else self.self_attn(h, ctx)
         h, residual = self.post_attention_layernorm.add_norm(self.ops, h, residual)
         return self.mlp(h, ctx.lora), residual
 
@@ -98,7 +98,6 @@ class MoeForCausalLM(nn.Module):
               "device": device}
         self.ops = ops
         self.model = DecoderModel(config, **kw)
-        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta, device)
         if config.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
@@ -113,9 +112,8 @@ class MoeForCausalLM(nn.Module):
         assert ctx.lora is None or not ctx.lora.has_lora or self.max_loras > 0, \
             "a step uses LoRA slots but the model was built with max_loras=0"
         x, residual = self.model.embed_tokens(input_ids), None
-        cos, sin = self.rotary(ctx.positions, x.dtype)
         for layer in self.model.layers:
-            x, residual = layer(x, residual, cos, sin, ctx)
+            x, residual = layer(x, residual, ctx)
         return self.model.norm.add_norm(self.ops, x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

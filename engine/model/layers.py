@@ -52,29 +52,13 @@ class GatedRMSNorm(RMSNorm):
 
 class RotaryEmbedding(nn.Module):
     """Default RoPE (no scaling) over the first `dim` dims of a head (all of them, or a
-    partial_rotary_factor of them): inv_freq[i] = theta ** (-2i / dim)."""
+    partial_rotary_factor of them): inv_freq[i] = theta ** (-2i / dim), applied by
+    ops.qk_norm_rope from each token's position."""
 
     def __init__(self, dim: int, theta: float, device: torch.device) -> None:
         super().__init__()
         exponent = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
         self.register_buffer("inv_freq", 1.0 / (theta ** exponent), persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """positions [T] -> (cos, sin), each [T, dim] in `dtype`."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the first R dims of each head; the rest pass through.
-    x [T, heads, D]; cos, sin [T, R], R <= D."""
-    rot = cos.shape[-1]
-    if rot < x.shape[-1]:
-        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class GatedMlp(nn.Module):

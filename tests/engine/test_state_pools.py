@@ -66,7 +66,7 @@ def add_recurrence(attn: nn.Module, hidden: int) -> FakeRecurrence:
     """Make `attn` return its output plus half a FakeRecurrence's of the same input."""
     attn.recurrence = FakeRecurrence(hidden)  # a submodule: the model finds its memory_spec
     attend = attn.forward
-    attn.forward = lambda x, cos, sin, ctx: attend(x, cos, sin, ctx) + 0.5 * attn.recurrence(x, ctx)
+    attn.forward = lambda x, ctx: attend(x, ctx) + 0.5 * attn.recurrence(x, ctx)
     return attn.recurrence
 
 

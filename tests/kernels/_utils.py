@@ -28,6 +28,20 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
         f"rel err {err:.2e} > {REL_TOL[dtype]:.0e} (max abs {max_abs:.2e})")
 
 
+def capture(step):
+    """Run step once on a side stream (compiles outside the capture), then capture it in a
+    CUDA graph; returns (graph, the captured call's outputs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 def token_slots(mix: str, num_tokens: int, num_slots: int, gen: torch.Generator) -> list[int]:
     """Per-token slots, requests in contiguous segments, drawn by an adapter-popularity mix."""
     if mix == "none":

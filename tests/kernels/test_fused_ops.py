@@ -1,9 +1,9 @@
-"""The fused elementwise ops against their torch twins.
+"""The fused elementwise ops (norm, rope, router, activation) against their torch twins.
 
 Tiny fp32 / fp16 shapes in the Triton interpreter on a CPU: non-power-of-two widths, one
-token, ties in the router. The residual add and every cast follow the twin's rounding, so
-fp16 mostly agrees to the bit; what differs is the float32 reduction order (a unit in the
-last place at most).
+token, partial rotary, strided q/k views (as the fused qkv projection gives them), ties in the
+router. The residual add and every cast follow the twin's rounding, so fp16 mostly agrees to
+the bit; what differs is the float32 reduction order (a unit in the last place at most).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.kernels import activation, norm, reference, router
+from loramux.kernels import activation, norm, reference, rope, router
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 DTYPES = [torch.float32, torch.float16]
@@ -33,6 +33,41 @@ def test_fused_add_rms_norm(num_tokens, hidden, zero_centred, dtype, gen, poison
         ref, ref_res = reference.fused_add_rms_norm(x, res, weight, 1e-6, zero_centred)
         assert out.dtype == dtype and torch.equal(new_res, ref_res), "the add is the twin's"
         torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def _qk(gen, num_tokens, heads, kv_heads, head_dim, dtype, gated):
+    """q [T, N, D] and k [T, G, D] as views of one projection output (gated: q heads
+    interleaved with their output gates, so q's head stride is 2D)."""
+    q_width = heads * head_dim * (2 if gated else 1)
+    qkv = _randn(gen, num_tokens, q_width + 2 * kv_heads * head_dim, dtype=dtype, scale=2.0)
+    q, k, _ = qkv.split((q_width, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q = q.view(num_tokens, heads, -1)[..., :head_dim]
+    return q, k.view(num_tokens, kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_kind", ["per_head", "zero_centred", "none"])
+@pytest.mark.parametrize("num_tokens,rotary_dim,gated",
+                         [(1, 24, False), (3, 8, False), (2, 12, True)],
+                         ids=["t1_full", "partial", "gated_partial"])
+def test_qk_norm_rope(num_tokens, rotary_dim, gated, norm_kind, dtype, gen, poison):
+    heads, kv_heads, head_dim = 6, 3, 24
+    q, k = _qk(gen, num_tokens, heads, kv_heads, head_dim, dtype, gated)
+    positions = torch.tensor([0, 7, 40000][:num_tokens] if num_tokens > 1 else [40000])
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    weights = (None, None)
+    if norm_kind != "none":
+        shift = 0.0 if norm_kind == "zero_centred" else 1.0
+        weights = tuple(_randn(gen, head_dim, dtype=dtype, scale=0.1, shift=shift)
+                        for _ in range(2))
+    args = (q, k, positions, inv_freq, *weights, 1e-6, norm_kind == "zero_centred")
+    out = rope.qk_norm_rope(*args)
+    ref = reference.qk_norm_rope(*args)
+    for o, r in zip(out, ref):
+        assert o.dtype == dtype and o.is_contiguous()
+        torch.testing.assert_close(o, r, **TOL[dtype])
+    if rotary_dim < head_dim and norm_kind == "none":  # the dims past R pass through untouched
+        assert torch.equal(out[0][..., rotary_dim:], q[..., rotary_dim:])
 
 
 def _check_route(logits, top_k, renormalize, dtype):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loramux.kernels import LoraMeta, LoraMetaBuffers, MoeLora, reference, triton_ops
-from tests.kernels._utils import rel_err, token_slots
+from tests.kernels._utils import capture, rel_err, token_slots
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -94,14 +94,7 @@ def test_cuda_graph_replays_a_new_adapter_mix(gen):
         triton_ops.lora_delta(y, args[0], a, b, meta, splits)
         return triton_ops.fused_experts(*args, lora, meta)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture(step)
     meta = buffers.fill(token_slots("with_base", num_tokens, slots, gen))  # same addresses
     logits = _randn(cuda_gen, num_tokens, 32)
     new_weights, new_ids = torch.topk(logits.softmax(-1), 8, dim=-1)

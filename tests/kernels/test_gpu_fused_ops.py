@@ -1,13 +1,12 @@
 """GPU checks of the fused elementwise ops: bf16 at Qwen3-30B-A3B shapes against the twins run
-on the same bf16 tensors (the model's torch code).
+on the same bf16 tensors (the model's torch code), and one CUDA graph holding all four.
 
-Tolerances (bf16): the residual add is bit-exact; normed and activated values may differ from
-the twin by the float32 reduction order (rstd) or exp's last bit, a rounding flip of one bf16
-unit in the last place, so |diff| <= 2^-6 |ref| + 2^-6 and at most 2% of the elements differ
-at all. Router: picks in
-descending order with ties to the lowest id, the same experts as torch.topk (on ties too:
-CUDA's fills the k-th place in index order) and weights within 2^-7 relative (one bf16
-rounding).
+Tolerances (bf16): the residual add is bit-exact; normed, rotated and activated values may
+differ from the twin by float32 reduction order (rstd) and cos/sin ulps, each a rounding flip
+of one bf16 unit in the last place, so |diff| <= 2^-6 |ref| + 2^-6 and at most 2% of the
+elements differ at all. Router: picks in descending order with ties to the lowest id, the
+same experts as torch.topk (on ties too: CUDA's fills the k-th place in index order) and
+weights within 2^-7 relative (one bf16 rounding).
 """
 
 from __future__ import annotations
@@ -16,11 +15,12 @@ import pytest
 import torch
 
 from loramux.kernels import reference, triton_ops
+from tests.kernels._utils import capture
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-H, E, K, I = 2048, 128, 8, 768
+H, N, G, D, E, K, I = 2048, 32, 4, 128, 128, 8, 768
 TOKENS = [1, 64, 257, 8192]
 ULP_TOL = dict(rtol=2**-6, atol=2**-6)
 
@@ -50,6 +50,25 @@ def test_fused_add_rms_norm_bf16(num_tokens, zero_centred):
         out, new_res = triton_ops.fused_add_rms_norm(x, res, weight, 1e-6, zero_centred)
         ref, ref_res = reference.fused_add_rms_norm(x, res, weight, 1e-6, zero_centred)
         assert torch.equal(new_res, ref_res)
+        _assert_ulp_close(out, ref)
+
+
+@pytest.mark.parametrize("rotary_dim,norm", [(D, "per_head"), (D, "none"), (32, "zero_centred")],
+                         ids=["qwen3", "no_norm", "partial_zero_centred"])
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_qk_norm_rope_bf16(num_tokens, rotary_dim, norm):
+    gen = _gen(num_tokens + rotary_dim)
+    qkv = _bf16(gen, num_tokens, (N + 2 * G) * D, scale=2.0)  # q, k as views, like the model's
+    q = qkv[:, :N * D].view(num_tokens, N, D)
+    k = qkv[:, N * D:(N + G) * D].view(num_tokens, G, D)
+    positions = torch.randint(0, 32768, (num_tokens,), generator=gen, device="cuda")
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, rotary_dim, 2, device="cuda") / rotary_dim)
+    weights = (None, None)
+    if norm != "none":
+        shift = 0.0 if norm == "zero_centred" else 1.0
+        weights = (_bf16(gen, D, scale=0.1, shift=shift), _bf16(gen, D, scale=0.1, shift=shift))
+    args = (q, k, positions, inv_freq.float(), *weights, 1e-6, norm == "zero_centred")
+    for out, ref in zip(triton_ops.qk_norm_rope(*args), reference.qk_norm_rope(*args)):
         _assert_ulp_close(out, ref)
 
 
@@ -87,3 +106,29 @@ def test_route_ties_pick_cuda_topk_experts(num_tokens):
 def test_silu_and_mul_bf16(num_tokens):
     x = _bf16(_gen(num_tokens), num_tokens, 2 * I, scale=3.0)
     _assert_ulp_close(triton_ops.silu_and_mul(x), reference.silu_and_mul(x))
+
+
+def test_fused_ops_replay_in_a_cuda_graph():
+    gen = _gen(5)
+    num_tokens = 16
+    x, residual, weight = _bf16(gen, num_tokens, H), _bf16(gen, num_tokens, H), _bf16(gen, H)
+    q, k = _bf16(gen, num_tokens, N, D), _bf16(gen, num_tokens, G, D)
+    qw, kw = _bf16(gen, D, shift=1.0), _bf16(gen, D, shift=1.0)
+    positions = torch.arange(num_tokens, device="cuda")
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, D, 2, device="cuda").float() / D)
+    logits, gate_up = _bf16(gen, num_tokens, E), _bf16(gen, num_tokens, 2 * I)
+
+    def step():
+        return (*triton_ops.fused_add_rms_norm(x, residual, weight, 1e-6, False),
+                *triton_ops.qk_norm_rope(q, k, positions, inv_freq, qw, kw, 1e-6, False),
+                *triton_ops.route(logits, K, True, torch.bfloat16),
+                triton_ops.silu_and_mul(gate_up))
+
+    graph, outs = capture(step)
+    for t in (x, residual, q, k, logits, gate_up):
+        t.copy_(torch.randn(t.shape, generator=gen, device="cuda"))
+    positions.add_(1000)
+    graph.replay()
+    torch.cuda.synchronize()
+    for out, eager in zip(outs, step()):
+        assert torch.equal(out, eager)

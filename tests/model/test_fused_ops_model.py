@@ -1,7 +1,7 @@
 """The whole model with the Triton ops (in the interpreter on a CPU) against transformers: the
-fused elementwise ops are wired with the right weights and flags (per-head and full q/k
-norms, no q/k norm with a shared expert; the hybrids' partial rotary, gated attention and
-zero-centred norms: tests/engine/test_hybrid_engine.py)."""
+fused norm, q/k norm + RoPE, router and SiLU*mul are wired with the right weights and flags
+(per-head and full q/k norms, no q/k norm with a shared expert; the hybrids' partial rotary,
+gated attention and zero-centred norms: tests/engine/test_hybrid_engine.py)."""
 
 from __future__ import annotations
 
