@@ -15,7 +15,7 @@ for mode in base lora; do
   for tree in "$before" "$after"; do
     name="${mode}_$(basename "$tree")"
     start=$(date +%s)
-    (cd "$tree" && PYTHONPATH=. python3 benchmarks/bench_decode.py "${flags[@]}" "${extra[@]}" \
+    (cd "$tree" && PYTHONPATH=".:${PYTHONPATH:-}" python3 benchmarks/bench_decode.py "${flags[@]}" "${extra[@]}" \
       --out "$out/$name.json") > "$out/$name.log" 2>&1 || { echo "$name failed"; tail -5 "$out/$name.log"; }
     echo "$name: $(( $(date +%s) - start )) s"
   done
