@@ -242,6 +242,19 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """vLLM's -tp N and --enable-expert-parallel (engine/model/parallel.py)."""
+
+    tensor_parallel_size: int = 1  # ranks, one worker process each (the engine's is rank 0)
+    enable_expert_parallel: bool = False  # routed experts split by expert id, not by I
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got "
+                             f"{self.tensor_parallel_size}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA, float32 on CPU
@@ -256,9 +269,11 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
-_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoraConfig}
+_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoraConfig,
+             "parallel": ParallelConfig}
 
 
 def make_config(model: str, **kwargs) -> EngineConfig:

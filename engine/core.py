@@ -23,6 +23,7 @@ from loramux.engine.sequence import Sequence, SeqStatus
 from loramux.engine.stats import EngineStats
 from loramux.engine.structured import Grammars
 from loramux.engine.tokenizer import eos_token_ids, load_tokenizer
+from loramux.engine.worker.parallel import ParallelWorker
 from loramux.engine.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -34,18 +35,24 @@ class EngineCore:
         self.model_config = ModelConfig.from_pretrained(config.model)
         self._rng = random.Random(config.seed)
         self.max_model_len = self._max_model_len()
-        self.worker = Worker(config, self.model_config, self.max_model_len)
-        self.native_layout = self.worker.native_layout
-        plan = self.worker.plan_memory()
-        self.worker.allocate(plan)
-        self.pools = MemoryPools(plan)
-        self.lora = (LoraManager(config.lora, self.model_config, self.native_layout,
-                                 self.pools.adapters, self.worker.dtype, config.model)
-                     if config.lora.enabled else None)
-        self.scheduler = Scheduler(config.scheduler, self.pools, self.lora)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.eos_ids = eos_token_ids(config.model, self.model_config, self.tokenizer)
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
+        self.worker = (Worker(config, self.model_config, self.max_model_len)
+                       if config.parallel.tensor_parallel_size == 1 else
+                       ParallelWorker(config, self.model_config, self.max_model_len))
+        try:
+            self.native_layout = self.worker.native_layout
+            plan = self.worker.plan_memory()
+            self.worker.allocate(plan)
+            self.pools = MemoryPools(plan)
+            self.lora = (LoraManager(config.lora, self.model_config, self.native_layout,
+                                     self.pools.adapters, self.worker.dtype, config.model)
+                         if config.lora.enabled else None)
+        except BaseException:
+            self.worker.shutdown()
+            raise
+        self.scheduler = Scheduler(config.scheduler, self.pools, self.lora)
         self.requests: dict[str, RequestState] = {}
         self._next_seq_id = 0
         self._released: list[int] = []  # finished sequences the worker has not been told of
@@ -149,6 +156,10 @@ class EngineCore:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor-parallel engine (nothing for one rank)."""
+        self.worker.shutdown()
 
     def stats(self) -> EngineStats:
         """A plain snapshot of the queues, the memory pools and the adapter counters."""

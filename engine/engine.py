@@ -58,6 +58,7 @@ class Engine:
             self._thread.join(timeout=10)
         if self.core.lora is not None:
             self.core.lora.shutdown()
+        self.core.shutdown()
 
     # --- requests --------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,

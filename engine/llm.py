@@ -31,6 +31,10 @@ class LLM:
             ids.append(rid)
         return self._run(ids)
 
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor-parallel engine (-tp > 1)."""
+        self.core.shutdown()
+
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         while self.core.has_work():

@@ -124,6 +124,7 @@ def fused_experts(
 
     Semantics:
         for t, k: e = topk_ids[t, k]; s = token_slot[t]
+            if e < 0: continue                # another rank's expert (expert parallelism)
             gu = x[t] @ w_gate_up[e].T                                     # [2I]
             if s >= 0: gu[:I] += (x[t] @ A_gu[s, e, 0:R].T) @ B_gu[s, e, :I].T
                        gu[I:] += (x[t] @ A_gu[s, e, u*R:(u+1)*R].T) @ B_gu[s, e, I:].T
@@ -134,7 +135,7 @@ def fused_experts(
             out[t] += topk_weights[t, k] * d
     Args:
         x: [T, H]; w_gate_up: [E, 2I, H] (gate rows then up rows); w_down: [E, H, I]
-        topk_weights: [T, K] (x.dtype); topk_ids: [T, K] int
+        topk_weights: [T, K] (x.dtype); topk_ids: [T, K] int, -1 for a pair left out
         lora: MoeLora slot buffers or None; meta: LoraMeta or None
     Returns:
         [T, H] in x.dtype
@@ -144,6 +145,8 @@ def fused_experts(
     token_slot = meta.token_slot.long() if use_lora else None
     inter = w_down.shape[2]
     for e in torch.unique(topk_ids).tolist():
+        if e < 0:
+            continue
         tok, pos = (topk_ids == e).nonzero(as_tuple=True)
         xs = x[tok]
         gate_up = F.linear(xs, w_gate_up[e])

@@ -47,7 +47,9 @@ def fused_experts(
 ) -> torch.Tensor:
     """Routed SiLU-gated experts with per-token MoE-LoRA, summed over top-k.
 
-    The Triton version of kernels.reference.fused_experts: same Semantics, Args and Returns.
+    The Triton version of kernels.reference.fused_experts: same Semantics, Args and Returns,
+    except that topk_ids must all be in [0, E): pairs left out (-1, expert parallelism) are the
+    twin's only, and the engine refuses expert parallelism with these ops.
     Pairs (token, k) are aligned by expert (or one per block at small T), the gate_up GEMM adds
     the MoE-LoRA delta before SiLU*up, the down GEMM adds its delta and the routing weight.
     """

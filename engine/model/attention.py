@@ -23,6 +23,7 @@ from loramux.engine.config import ModelConfig
 from loramux.engine.memory.specs import PagedKV
 from loramux.engine.model.layers import RMSNorm, RotaryEmbedding
 from loramux.engine.model.lora_linear import LoraLinear
+from loramux.engine.model.parallel import Shard, rows_of
 
 logger = logging.getLogger(__name__)
 
@@ -47,28 +48,38 @@ class Attention(nn.Module):
     alone then).
     Gated (hybrids: Qwen3.5, Qwen3-Next): q_proj gives per head [query (D); gate (D)], the
     q/k norms are zero-centred, and the attention output is multiplied by sigmoid(gate).
+    Under tensor parallelism it holds its rank's heads (engine/model/parallel.py) and returns
+    o_proj's partial sum; the caller's all_reduce completes it.
     """
 
     def __init__(self, config: ModelConfig, layer: int, *, ops: ModuleType, max_loras: int,
-                 max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+                 max_rank: int, dtype: torch.dtype, device: torch.device,
+                 shard: Shard = Shard()) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.head_dim = config.head_dim
+        D = self.head_dim = config.head_dim
+        heads, kv_heads = shard.part(config.num_heads), shard.kv_heads(config.num_kv_heads)
+        self.num_heads, self.num_kv_heads = len(heads), len(kv_heads)  # this rank's
         self.scale = config.head_dim ** -0.5
         self.clip = config.clip_qkv
         self.ops = ops
         self.gated = config.hybrid
-        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q_out, kv_out = self.num_heads * D, self.num_kv_heads * D
         q_width = 2 * q_out if self.gated else q_out
         p = f"layers.{layer}.self_attn."
         kw = {"ops": ops, "max_loras": max_loras, "max_rank": max_rank, "dtype": dtype,
               "device": device}
+        rows = in_cols = None
+        if shard.active:  # heads of this rank: rows of q (query and gate per head), k, v
+            rows = {p + "q_proj": rows_of(heads, q_width // self.num_heads),
+                    p + "k_proj": rows_of(kv_heads, D), p + "v_proj": rows_of(kv_heads, D)}
+            in_cols = rows_of(heads, D)
         self.qkv_proj = LoraLinear(
             config.hidden_size,
             ((p + "q_proj", q_width), (p + "k_proj", kv_out), (p + "v_proj", kv_out)),
-            bias=config.attention_bias, **kw)
+            bias=config.attention_bias, slice_rows=rows, **kw)
         o_bias = config.attention_bias and config.architecture != "Qwen2MoeForCausalLM"
-        self.o_proj = LoraLinear(q_out, ((p + "o_proj", config.hidden_size),), bias=o_bias, **kw)
+        self.o_proj = LoraLinear(q_out, ((p + "o_proj", config.hidden_size),), bias=o_bias,
+                                 in_cols=in_cols, add_bias=shard.rank == 0, **kw)
         self.qk_norm = config.qk_norm
         if config.qk_norm != "none":
             per_head = config.qk_norm == "per_head"
@@ -112,7 +123,8 @@ class Attention(nn.Module):
         return q, k, v.view(-1, self.num_kv_heads, self.head_dim), gate
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x [T, H] -> [T, H]; writes this step's K/V into the bound cache."""
+        """x [T, H] -> [T, H] (a partial sum under tensor parallelism); writes this step's K/V
+        into the bound cache."""
         q, k, v, gate = self._project(x, ctx)
         attn = ctx.attn
         write_kv(self.k_cache, self.v_cache, k, v, attn.slot_mapping)

@@ -27,6 +27,7 @@ from loramux.engine.model.gdn import GatedDeltaNet
 from loramux.engine.model.layers import GatedMlp, RMSNorm
 from loramux.engine.model.lora_linear import LoraLinear
 from loramux.engine.model.moe import MoeExperts, SparseMoe
+from loramux.engine.model.parallel import Shard, all_reduce
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int, **kw) -> None:
         super().__init__()
-        self.ops = kw["ops"]
+        self.ops, self.shard = kw["ops"], kw["shard"]
         dtype, device = kw["dtype"], kw["device"]
         eps, H, zero = config.rms_norm_eps, config.hidden_size, config.hybrid
         self.input_layernorm = RMSNorm(H, eps, dtype, device, zero_centred=zero)
@@ -61,11 +62,14 @@ class DecoderLayer(nn.Module):
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H]: the previous layer's MLP output (the embeddings, with residual None);
         residual [T, H]: the stream before x was added. -> (this layer's MLP output, the
-        stream before it), the stream being x + residual of the transformers layer."""
+        stream before it), the stream being x + residual of the transformers layer. Under
+        tensor parallelism the mixer and the MLP each return a partial sum, completed by one
+        all_reduce each."""
         h, residual = self.input_layernorm.add_norm(self.ops, x, residual)
         h = self.linear_attn(h, ctx) if self.is_linear else self.self_attn(h, ctx)
-        h, residual = self.post_attention_layernorm.add_norm(self.ops, h, residual)
-        return self.mlp(h, ctx.lora), residual
+        h, residual = self.post_attention_layernorm.add_norm(self.ops, all_reduce(h, self.shard),
+                                                             residual)
+        return all_reduce(self.mlp(h, ctx.lora), self.shard), residual
 
 
 class DecoderModel(nn.Module):
@@ -90,12 +94,13 @@ class MoeForCausalLM(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, *, ops: ModuleType, max_loras: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, shard: Shard = Shard()) -> None:
         super().__init__()
         self.config, self.dtype, self.device = config, dtype, device
         self.max_loras, self.max_lora_rank = max_loras, max_rank
+        self.shard = shard
         kw = {"ops": ops, "max_loras": max_loras, "max_rank": max_rank, "dtype": dtype,
-              "device": device}
+              "device": device, "shard": shard}
         self.ops = ops
         self.model = DecoderModel(config, **kw)
         if config.tie_word_embeddings:
@@ -157,10 +162,12 @@ class MoeForCausalLM(nn.Module):
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, ops: ModuleType,
-                max_loras: int = 0, max_lora_rank: int = 0) -> MoeForCausalLM:
+                max_loras: int = 0, max_lora_rank: int = 0,
+                shard: Shard = Shard()) -> MoeForCausalLM:
     """An unloaded model on `device` (weights uninitialized; LoRA slot buffers zeroed).
 
     ops: the kernels.select_ops(device) module, chosen once here for every layer.
+    shard: the part of the weights this rank holds (engine/model/parallel.py).
     """
     if max_loras > 0 and max_lora_rank < 1:
         raise ValueError(f"max_lora_rank must be >= 1 when max_loras > 0, got {max_lora_rank}")
@@ -169,4 +176,4 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, o
                 config.architecture, config.num_layers, config.num_experts, dtype, max_loras,
                 max_lora_rank)
     return MoeForCausalLM(config, ops=ops, max_loras=max_loras, max_rank=max_lora_rank,
-                          dtype=dtype, device=device).eval()
+                          dtype=dtype, device=device, shard=shard).eval()

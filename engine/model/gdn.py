@@ -16,6 +16,7 @@ gather that un-groups them, applied to the base weights at load and to each adap
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import ModuleType
 
@@ -29,6 +30,7 @@ from loramux.engine.config import ModelConfig, parse_dtype
 from loramux.engine.memory.specs import StateSpec, StateTensor
 from loramux.engine.model.layers import GatedRMSNorm
 from loramux.engine.model.lora_linear import LoraLinear, empty_param
+from loramux.engine.model.parallel import Shard, rows_of
 from loramux.kernels import LoraMeta
 
 logger = logging.getLogger(__name__)
@@ -47,26 +49,50 @@ def grouped_rows(la: LinearAttention) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class CausalConv(nn.Module):
-    """The depthwise conv's weight, [C, 1, K] as checkpoints store it (no bias)."""
+    """The depthwise conv's weight, [C, 1, K] as checkpoints store it (no bias); under tensor
+    parallelism the channels `shard_rows` of the checkpoint's."""
 
-    def __init__(self, channels: int, taps: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, channels: int, taps: int, dtype: torch.dtype, device: torch.device,
+                 rows: torch.Tensor | None = None) -> None:
         super().__init__()
         self.weight = empty_param(channels, 1, taps, dtype=dtype, device=device)
+        self.shard_rows = {} if rows is None else {"weight": rows}
+
+
+def shard_rows(la: LinearAttention, shard: Shard) -> dict[str, torch.Tensor]:
+    """This rank's rows of each projection (its key heads' q and k, its value heads' v, z, b, a),
+    as row gathers from the checkpoint's tensors; "qkv" is also the conv's channels."""
+    kh, vh = shard.part(la.num_key_heads), shard.part(la.num_value_heads)
+    dk, dv, HV = la.key_head_dim, la.value_head_dim, la.num_value_heads
+    qkv = torch.cat([rows_of(kh, dk), rows_of(kh, dk, la.key_dim),
+                     rows_of(vh, dv, 2 * la.key_dim)])
+    z = rows_of(vh, dv)
+    if la.projection == "split":
+        return {"qkv": qkv, "in_proj_qkv": qkv, "in_proj_z": z, "in_proj_b": vh,
+                "in_proj_a": vh, "heads": vh}
+    qkvz, ba = grouped_rows(la)  # un-grouped order [q | k | v | z], [b | a]
+    return {"qkv": qkv, "in_proj_qkvz": qkvz[torch.cat([qkv, la.conv_dim + z])],
+            "in_proj_ba": ba[torch.cat([vh, HV + vh])], "heads": vh}
 
 
 class GatedDeltaNet(nn.Module):
-    """One Gated DeltaNet layer; `mix` runs a step's tokens from given states."""
+    """One Gated DeltaNet layer; `mix` runs a step's tokens from given states. Under tensor
+    parallelism it holds its rank's key and value heads (projection rows, conv channels,
+    dt_bias / A_log, states; out_proj row-parallel) and returns a partial sum."""
 
     def __init__(self, config: ModelConfig, layer: int, *, ops: ModuleType, max_loras: int,
-                 max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+                 max_rank: int, dtype: torch.dtype, device: torch.device,
+                 shard: Shard = Shard()) -> None:
         super().__init__()
-        la = config.linear_attention
-        self.la, self.ops = la, ops
+        full = config.linear_attention
+        la = dataclasses.replace(full, num_key_heads=full.num_key_heads // shard.size,
+                                 num_value_heads=full.num_value_heads // shard.size)
+        self.la, self.ops = la, ops  # this rank's heads
         H, HV, Vd = config.hidden_size, la.num_value_heads, la.value_dim
         p = f"layers.{layer}.linear_attn."
         kw = {"bias": False, "ops": ops, "max_loras": max_loras, "max_rank": max_rank,
               "dtype": dtype, "device": device}
+        picked = shard_rows(full, shard) if shard.active else {}
         if la.projection == "grouped":
             slices = ((p + "in_proj_qkvz", la.conv_dim + Vd), (p + "in_proj_ba", 2 * HV))
             rows = dict(zip((name for name, _ in slices), grouped_rows(la)))
@@ -74,12 +100,18 @@ class GatedDeltaNet(nn.Module):
             slices = ((p + "in_proj_qkv", la.conv_dim), (p + "in_proj_z", Vd),
                       (p + "in_proj_b", HV), (p + "in_proj_a", HV))
             rows = None
+        if picked:
+            rows = {name: picked[name.rsplit(".", 1)[1]] for name, _ in slices}
         self.in_proj = LoraLinear(H, slices, slice_rows=rows, split_gemm=True, **kw)
-        self.conv1d = CausalConv(la.conv_dim, la.conv_kernel, dtype, device)
+        self.conv1d = CausalConv(la.conv_dim, la.conv_kernel, dtype, device, picked.get("qkv"))
         self.dt_bias = empty_param(HV, dtype=dtype, device=device)
         self.A_log = empty_param(HV, dtype=dtype, device=device)
+        self.shard_rows = {"dt_bias": picked["heads"], "A_log": picked["heads"]} if picked \
+            else {}
         self.norm = GatedRMSNorm(la.value_head_dim, config.rms_norm_eps, dtype, device)
-        self.out_proj = LoraLinear(Vd, ((p + "out_proj", H),), **kw)
+        self.out_proj = LoraLinear(Vd, ((p + "out_proj", H),),
+                                   in_cols=rows_of(picked["heads"], la.value_head_dim)
+                                   if picked else None, **kw)
         self.dtype = dtype
         self.conv_state: torch.Tensor | None = None  # [num_slots + 1, C, K-1]
         self.recurrent_state: torch.Tensor | None = None  # [num_slots + 1, HV, Dk, Dv]

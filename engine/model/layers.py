@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loramux.engine.model.lora_linear import LoraLinear, empty_param
+from loramux.engine.model.parallel import Shard
 from loramux.kernels import LoraMeta, reference
 
 logger = logging.getLogger(__name__)
@@ -65,20 +66,27 @@ class GatedMlp(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one LoRA-capable linear.
 
     prefix: canonical LoRA prefix, "layers.L.mlp." (dense) or "layers.L.mlp.shared_expert.".
+    Under tensor parallelism it holds its rank's part of the intermediate dim (gate_up
+    column-parallel, down row-parallel) and returns a partial sum (the caller reduces).
     """
 
     def __init__(self, hidden: int, inter: int, prefix: str, *, ops: ModuleType,
                  max_loras: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, shard: Shard = Shard()) -> None:
         super().__init__()
         kw = {"bias": False, "ops": ops, "max_loras": max_loras, "max_rank": max_rank,
               "dtype": dtype, "device": device}
         self.ops = ops
+        part = shard.part(inter) if shard.active else None
+        self.inter = inter // shard.size
+        rows = None if part is None else {prefix + "gate_proj": part, prefix + "up_proj": part}
         self.gate_up_proj = LoraLinear(
-            hidden, ((prefix + "gate_proj", inter), (prefix + "up_proj", inter)), **kw)
-        self.down_proj = LoraLinear(inter, ((prefix + "down_proj", hidden),), **kw)
+            hidden, ((prefix + "gate_proj", self.inter), (prefix + "up_proj", self.inter)),
+            slice_rows=rows, **kw)
+        self.down_proj = LoraLinear(self.inter, ((prefix + "down_proj", hidden),),
+                                    in_cols=part, **kw)
 
     def forward(self, x: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
-        """x [T, H] -> [T, H]."""
+        """x [T, H] -> [T, H] (a partial sum under tensor parallelism)."""
         gate_up = self.gate_up_proj(x, lora)  # [T, 2I]
         return self.down_proj(self.ops.silu_and_mul(gate_up), lora)

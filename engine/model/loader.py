@@ -12,6 +12,9 @@ parameters). Each parameter maps to the disk keys that compose it:
     mlp.experts.w_down [E, H, I]      <- 2d: mlp.experts.e.down_proj.weight
                                          3d: mlp.experts.down_proj
     anything else                     <- the same name
+Under tensor / expert parallelism (engine/model/parallel.py) each rank reads only its part of
+every tensor: the row gathers of its heads and intermediate rows, `cut` of its input columns
+or experts, and no key of another rank's experts.
 Disk names are normalized first: `.base_layer` segments dropped (a PEFT-wrapped model's names),
 `model.language_model.` / `language_model.model.` read as `model.` (ConditionalGeneration),
 Mixtral's `block_sparse_moe.` and `experts.e.w1/w3/w2` as `mlp.` and gate/up/down. Qwen3-VL-MoE's
@@ -59,12 +62,16 @@ _VISION = re.compile(r"^(model\.)?visual\.")
 class Target(NamedTuple):
     """Where one disk tensor goes: model parameter name and the index of its region.
     rows: gather applied to the disk tensor's rows first (ours[j] = disk[rows[j]]);
-    transposable: a fused expert tensor that may be stored [E, in, out]."""
+    transposable: a fused expert tensor that may be stored [E, in, out], `full` its shape
+    [E, out, in] before this rank's cut;
+    cut: (dim, ids) gathers of this rank's part, after rows and orientation."""
 
     param: str
     index: tuple
     rows: torch.Tensor | None = None
     transposable: bool = False
+    full: tuple[int, ...] | None = None
+    cut: tuple[tuple[int, torch.Tensor], ...] = ()
 
 
 def normalize_key(key: str) -> str:
@@ -78,7 +85,8 @@ def _linear_keys(name: str, module: LoraLinear) -> dict[str, Target]:
     """Disk keys of a linear's weight or bias: one per output slice (q/k/v, gate/up, the GDN
     input projections), each named after its slice, under the linear's owner module."""
     if len(module.slice_names) == 1:
-        return {name: Target(name, ())}
+        cut = () if module.in_cols is None or name.endswith(".bias") else ((1, module.in_cols),)
+        return {name: Target(name, (), cut=cut)}
     prefix, suffix = name.rsplit(".", 1)
     owner = prefix.rsplit(".", 1)[0] + "."
     keys, start = {}, 0
@@ -91,24 +99,40 @@ def _linear_keys(name: str, module: LoraLinear) -> dict[str, Target]:
 
 
 def _expert_keys(name: str, module: MoeExperts, layout: str,
-                 transposable: bool) -> dict[str, Target]:
-    """Disk keys of w_gate_up / w_down in the checkpoint's expert layout."""
+                 transposable: bool) -> dict[str, Target | None]:
+    """Disk keys of w_gate_up / w_down in the checkpoint's expert layout; None for the keys of
+    experts another rank holds (expert parallelism)."""
     prefix, param = name.rsplit(".", 1)  # prefix = model.layers.L.mlp.experts
-    fused = "gate_up_proj" if param == "w_gate_up" else "down_proj"
+    gate_up = param == "w_gate_up"
+    experts, inter = module.expert_ids, module.inter_ids
+    cut_inter = module.inter < module.full_inter
     if layout == "3d":
-        return {f"{prefix}.{fused}": Target(name, (), transposable=transposable)}
-    inter, keys = module.inter, {}
-    for e in range(module.w_down.shape[0]):
-        if param == "w_down":
-            keys[f"{prefix}.{e}.down_proj.weight"] = Target(name, (e,))
+        E, I, H = module.num_experts, module.full_inter, module.w_down.shape[1]
+        cut = []
+        if len(experts) < E:
+            cut.append((0, experts))
+        if cut_inter:
+            cut.append((1, module.gate_up_ids) if gate_up else (2, inter))
+        return {f"{prefix}.{'gate_up_proj' if gate_up else 'down_proj'}":
+                Target(name, (), transposable=transposable,
+                       full=(E, 2 * I, H) if gate_up else (E, H, I), cut=tuple(cut))}
+    projs = ("gate_proj", "up_proj") if gate_up else ("down_proj",)
+    keys: dict[str, Target | None] = {f"{prefix}.{e}.{proj}.weight": None
+                                      for e in range(module.num_experts) for proj in projs}
+    n, rows = module.inter, inter if cut_inter else None
+    for i, e in enumerate(experts.tolist()):
+        if gate_up:
+            keys[f"{prefix}.{e}.gate_proj.weight"] = Target(name, (i, slice(0, n)), rows)
+            keys[f"{prefix}.{e}.up_proj.weight"] = Target(name, (i, slice(n, 2 * n)), rows)
         else:
-            keys[f"{prefix}.{e}.gate_proj.weight"] = Target(name, (e, slice(0, inter)))
-            keys[f"{prefix}.{e}.up_proj.weight"] = Target(name, (e, slice(inter, 2 * inter)))
+            keys[f"{prefix}.{e}.down_proj.weight"] = Target(
+                name, (i,), cut=((1, inter),) if cut_inter else ())
     return keys
 
 
-def checkpoint_plan(model: MoeForCausalLM, layout: str) -> dict[str, Target]:
-    """Every disk key the model needs (normalized spelling) -> where it goes."""
+def checkpoint_plan(model: MoeForCausalLM, layout: str) -> dict[str, Target | None]:
+    """Every disk key the model needs (normalized spelling) -> where it goes (None: another
+    rank's expert, skipped)."""
     modules = dict(model.named_modules())
     transposable = ARCHITECTURES[model.config.architecture].fused_experts_transposed
     plan: dict[str, Target] = {}
@@ -119,7 +143,8 @@ def checkpoint_plan(model: MoeForCausalLM, layout: str) -> dict[str, Target]:
         elif isinstance(module, LoraLinear):
             plan.update(_linear_keys(name, module))
         else:
-            plan[name] = Target(name, ())
+            rows = getattr(module, "shard_rows", {}).get(name.rsplit(".", 1)[1])
+            plan[name] = Target(name, (), rows)
     return plan
 
 
@@ -196,8 +221,10 @@ def _copy(model_params: dict, target: Target, key: str, tensor: torch.Tensor,
         flipped = tensor.transpose(1, 2)
         square = flipped.shape == tensor.shape
         if (square and _written_transposed(config)) or (not square
-                                                        and flipped.shape == region.shape):
+                                                        and flipped.shape == target.full):
             tensor = flipped
+    for dim, ids in target.cut:
+        tensor = tensor.index_select(dim, ids)
     if region.shape != tensor.shape:
         raise ModelLoadError(f"tensor {key} has shape {tuple(tensor.shape)}, expected "
                              f"{tuple(region.shape)} for this config.json")
@@ -216,6 +243,9 @@ def load_checkpoint(model: MoeForCausalLM, path: Path) -> str:
     for key, tensor in _iter_tensors(files, len(disk)):
         norm = normalize_key(key)
         target = plan.get(norm)
+        if target is None and norm in plan:
+            skipped.setdefault("experts of other ranks", []).append(key)
+            continue
         if target is None:
             reason = _skip_reason(norm, model.config)
             if reason is None:
@@ -229,7 +259,7 @@ def load_checkpoint(model: MoeForCausalLM, path: Path) -> str:
         loaded.add(norm)
     for reason, keys in skipped.items():
         logger.info("skipped %d tensors (%s), such as %s", len(keys), reason, keys[0])
-    missing = sorted(set(plan) - loaded)
+    missing = sorted({key for key, target in plan.items() if target is not None} - loaded)
     if missing:
         raise ModelLoadError(f"tensor {missing[0]} missing from {path} "
                              f"({len(missing)} missing, {layout} expert layout)")

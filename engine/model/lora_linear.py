@@ -5,6 +5,13 @@ concatenated at load). With S = max_loras > 0 slots of rank R, the layer owns ze
     a_slots [S, n*R, D_in]   R-block j holds the A of slice j (rank r <= R, zero-padded)
     b_slots [S, D_out, R]    rows of slice j hold its B (columns [:r])
 and adds `ops.lora_delta` to the base output for the tokens whose slot is >= 0.
+
+Tensor parallelism (engine/model/parallel.py) reuses the layer for either half of a pair:
+column-parallel (qkv, gate_up) holds some output rows of each slice, given as `slice_rows` and
+slice widths (A replicated, B rows gathered like the base rows); row-parallel (o_proj,
+down_proj) holds the input columns `in_cols` of the weight and of A (B replicated), so its
+output, LoRA delta included, is a partial sum that the caller's all_reduce completes; the bias
+is added by one rank only (`add_bias`).
 """
 
 from __future__ import annotations
@@ -55,14 +62,18 @@ class LoraLinear(nn.Module):
     split_gemm: one GEMM per slice, as the checkpoint's separate linears compute it. The Gated
     DeltaNet projections use it: a fused GEMM's other blocking changes the last bits in fp32,
     which the recurrence amplifies past the 1e-4 logit agreement with transformers.
+    in_cols: the checkpoint's input columns this layer holds (row-parallel), D_in of them.
+    add_bias: False on all ranks but one of a row-parallel layer (the bias is summed once).
     """
 
     def __init__(self, d_in: int, slices: tuple[tuple[str, int], ...], *, bias: bool,
                  ops: ModuleType, max_loras: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device, slice_rows: dict[str, torch.Tensor] | None = None,
-                 split_gemm: bool = False) -> None:
+                 split_gemm: bool = False, in_cols: torch.Tensor | None = None,
+                 add_bias: bool = True) -> None:
         super().__init__()
         self.slice_rows, self.split_gemm = slice_rows or {}, split_gemm
+        self.in_cols, self.add_bias = in_cols, add_bias
         self.slice_names = tuple(name for name, _ in slices)
         self.out_splits = tuple(width for _, width in slices)
         d_out = sum(self.out_splits)
@@ -79,13 +90,14 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
         """x [T, D_in] -> [T, D_out]."""
+        bias = self.bias if self.add_bias else None
         if self.split_gemm:
-            biases = (None,) * len(self.out_splits) if self.bias is None else \
-                self.bias.split(self.out_splits)
+            biases = (None,) * len(self.out_splits) if bias is None else \
+                bias.split(self.out_splits)
             y = torch.cat([F.linear(x, w, b) for w, b in
                            zip(self.weight.split(self.out_splits), biases)], dim=-1)
         else:
-            y = F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.weight, bias)
         if lora is not None and lora.has_lora:
             self.ops.lora_delta(y, x, self.a_slots, self.b_slots, lora, self.out_splits)
         return y
@@ -103,7 +115,8 @@ class LoraLinear(nn.Module):
             if w is not None:
                 r = check_rank(name, w, self.max_rank)
                 block = j * self.max_rank
-                copy_into(self.a_slots[slot, block:block + r], w.a, name)
+                a = w.a if self.in_cols is None else w.a[:, self.in_cols]
+                copy_into(self.a_slots[slot, block:block + r], a, name)
                 b = w.b[self.slice_rows[name]] if name in self.slice_rows else w.b
                 copy_into(self.b_slots[slot, start:start + width, :r], b, name)
             start += width

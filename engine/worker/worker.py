@@ -21,6 +21,7 @@ from loramux.engine.memory import MemoryPlan, device_budget, plan_memory
 from loramux.engine.memory.plan import state_kinds
 from loramux.engine.model import build_model, load_weights
 from loramux.engine.model.forward import ForwardContext
+from loramux.engine.model.parallel import Shard, reduce_count
 from loramux.engine.plan import AdapterOp, SampleResult, SampleRow, StepPlan, WriteAdapter
 from loramux.engine.worker.cuda_graphs import DecodeGraphs
 from loramux.engine.worker.inputs import StepInputs
@@ -50,18 +51,21 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) ->
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig,
-                 max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
+                 shard: Shard = Shard()) -> None:
         self.config = config
         self.max_model_len = max_model_len
+        self.shard = shard
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and shard.active:  # rank r drives GPU r
+            self.device = torch.device("cuda", shard.rank)
         self.dtype = resolve_dtype(config.dtype, model_config, self.device)
         torch.manual_seed(config.seed)
         self.num_adapter_slots = config.lora.num_slots
         self.ops = select_ops(self.device, config.kernel_backend)
         self.model = build_model(model_config, self.dtype, self.device, self.ops,
                                  max_loras=self.num_adapter_slots,
-                                 max_lora_rank=config.lora.max_lora_rank)
+                                 max_lora_rank=config.lora.max_lora_rank, shard=shard)
         self.native_layout = load_weights(self.model, config.model, config.load_format)
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
@@ -129,6 +133,19 @@ class Worker:
         if use_graphs:
             self.graphs = self.capture_graphs(min(sched.max_num_seqs,
                                                   sched.max_num_batched_tokens))
+
+    def summary(self) -> dict:
+        """What this rank holds: parameter shapes, bytes, KV cache shape, all_reduces so far."""
+        shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+        caches = [tuple(m.k_cache.shape) for m in self.model.memory_modules()
+                  if getattr(m, "k_cache", None) is not None]
+        return {"rank": self.shard.rank, "shapes": shapes, "kv_cache": caches,
+                "weight_bytes": sum(p.numel() * p.element_size()
+                                    for p in self.model.parameters()),
+                "all_reduces": reduce_count()}
+
+    def shutdown(self) -> None:
+        """Nothing to stop: an in-process worker is released with the engine."""
 
     def apply(self, ops: list[AdapterOp]) -> None:
         """Write or clear adapter slots, in order."""
