@@ -142,6 +142,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="auto, float32, bfloat16 or float16 (auto: checkpoint dtype on CUDA, "
                         "float32 on CPU)")
     g.add_argument("--device", default=Settings.device, help="auto, cuda, cuda:N or cpu")
+    g.add_argument("--tensor-parallel-size", "-tp", type=_positive_int,
+                   default=Settings.tensor_parallel_size, metavar="N",
+                   help="split every layer over N ranks, one process each (GPU r on CUDA): "
+                        "attention heads, MLP and expert intermediate dims, with their LoRA "
+                        f"(default {Settings.tensor_parallel_size})")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with -tp N, split the routed experts by expert id over the N ranks "
+                        "instead of by intermediate dim (needs --kernel-backend torch for now)")
     g.add_argument("--load-format", default=Settings.load_format, choices=["auto", "dummy"],
                    help="dummy: random weights of the real architecture (for benchmarks)")
     g.add_argument("--kernel-backend", default=Settings.kernel_backend,
@@ -302,6 +310,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         chat_template=args.chat_template, enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
         dtype=args.dtype, device=args.device, load_format=args.load_format,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
         kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
         tokenizer=args.tokenizer, seed=args.seed, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loramux.engine.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig, make_config
+from loramux.engine.config import (CacheConfig, EngineConfig, LoraConfig, ParallelConfig,
+                                  SchedulerConfig, make_config)
 from loramux.server.generation_defaults import (
     GenerationConfigError,
     read_generation_config,
@@ -109,6 +110,8 @@ class Settings:
     reasoning_parser: str | None = None  # qwen3: <think>...</think> as reasoning_content
     dtype: str = EngineConfig.dtype
     device: str = EngineConfig.device
+    tensor_parallel_size: int = ParallelConfig.tensor_parallel_size
+    enable_expert_parallel: bool = ParallelConfig.enable_expert_parallel
     load_format: str = EngineConfig.load_format
     kernel_backend: str = EngineConfig.kernel_backend
     enforce_eager: bool = EngineConfig.enforce_eager
@@ -189,6 +192,8 @@ class Settings:
             return make_config(
                 self.model, dtype=self.dtype, device=self.device,
                 load_format=self.load_format, kernel_backend=self.kernel_backend,
+                tensor_parallel_size=self.tensor_parallel_size,
+                enable_expert_parallel=self.enable_expert_parallel,
                 enforce_eager=self.enforce_eager, seed=self.seed, tokenizer=self.tokenizer,
                 block_size=self.block_size, num_blocks=self.num_kv_blocks,
                 kv_cache_memory_gb=self.kv_cache_memory_gb,

@@ -4,8 +4,8 @@ unchanged or stops with one line naming the flag.
 Each `Compat` flag is parsed by argparse (so `--help` lists it) and judged after parsing: a value
 that means what loramux does anyway is accepted quietly (`-tp 1`, `--kv-cache-dtype auto`), a
 harmless one is accepted with one warning line (`--trust-remote-code`), and one that cannot be
-honoured stops start-up with one line (`-tp 2`, `--kv-cache-dtype fp8`). Flags that loramux
-implements (`--model`, `--max-model-len 32k`, `--enable-prefix-caching`, ...) live in
+honoured stops start-up with one line (`-pp 2`, `--kv-cache-dtype fp8`). Flags that loramux
+implements (`--model`, `--max-model-len 32k`, `-tp 2`, `--enable-prefix-caching`, ...) live in
 server/cli.py.
 Names and spellings follow vLLM's engine/arg_utils.py and entrypoints/common/cli_args.py; as
 vLLM's parser does, `--max_model_len` is read as `--max-model-len`.
@@ -54,17 +54,14 @@ class Compat:
         return f"{flag}: {self.warn}"
 
 
-_ONE_GPU = "loramux serves on one GPU"
 _NOT_LOGGED = "loramux does not log requests; ignored"
 
 COMPAT: tuple[Compat, ...] = (
-    Compat(("--tensor-parallel-size", "-tp"), "accepted when 1 (tensor parallelism is not "
-           "implemented yet)", neutral=("1",),
-           refuse=f"tensor parallelism is not implemented yet; {_ONE_GPU} (use -tp 1)"),
     Compat(("--pipeline-parallel-size", "-pp"), "accepted when 1", neutral=("1",),
-           refuse=f"pipeline parallelism is not implemented; {_ONE_GPU}"),
+           refuse="pipeline parallelism is not implemented; use -tp N"),
     Compat(("--data-parallel-size", "-dp"), "accepted when 1", neutral=("1",),
-           refuse=f"{_ONE_GPU}; run one server per GPU behind a router instead"),
+           refuse="data parallelism is not implemented; run one server per GPU (or per -tp "
+                  "group) behind a router instead"),
     Compat(("--kv-cache-dtype",), "accepted when auto (the KV cache is kept in --dtype)",
            neutral=("auto",), refuse="the KV cache is kept in the model dtype; quantized KV "
                                      "caches are not implemented (use auto)"),
@@ -84,7 +81,7 @@ COMPAT: tuple[Compat, ...] = (
            neutral=("auto", "string"),
            refuse="message content reaches the chat template as one string (use auto)"),
     Compat(("--distributed-executor-backend",), "accepted and ignored",
-           warn=f"{_ONE_GPU}; ignored"),
+           warn="the -tp ranks are torch.multiprocessing processes; ignored"),
     Compat(("--lora-target-modules",), "refused: an adapter applies to every module it has",
            refuse="loramux applies an adapter to every module it has weights for"),
     Compat(("--kv-cache-memory-bytes",), "refused: use --num-kv-blocks (or "
@@ -115,12 +112,11 @@ COMPAT: tuple[Compat, ...] = (
            switch=True, neutral=("on",)),
     Compat(("--no-enable-chunked-prefill",), "accepted and ignored", switch=True,
            warn="long prefills are always chunked by --max-num-batched-tokens; ignored"),
-    Compat(("--enable-expert-parallel",), "accepted and ignored (one GPU)", switch=True,
-           warn=f"{_ONE_GPU}, so experts are not split; ignored"),
-    Compat(("--fully-sharded-loras",), "accepted and ignored (one GPU)", switch=True,
-           warn=f"{_ONE_GPU}, so adapters are not sharded; ignored"),
-    Compat(("--disable-custom-all-reduce",), "accepted and ignored (one GPU)", switch=True,
-           warn=f"{_ONE_GPU}; ignored"),
+    Compat(("--fully-sharded-loras",), "accepted and ignored (adapters are sharded with their "
+           "layers)", switch=True, warn="under -tp an adapter is sharded with its layers (A "
+           "or B split, as vLLM without this flag); ignored"),
+    Compat(("--disable-custom-all-reduce",), "accepted and ignored", switch=True,
+           warn="the -tp all_reduce is torch.distributed's; ignored"),
     Compat(("--disable-sliding-window",), "accepted (no sliding-window models)", switch=True,
            neutral=("on",)),
     Compat(("--optimization-level", "-O"), "accepted and ignored", warn="loramux compiles "

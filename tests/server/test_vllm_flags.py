@@ -63,7 +63,7 @@ def test_neutral_values_are_quiet_and_harmless_ones_warn_once_each():
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (("-tp", "2"), "--tensor-parallel-size 2"), (("--tensor_parallel_size=4",), "--tensor"),
+    (("--pipeline_parallel_size=4",), "--pipeline"),
     (("--kv-cache-dtype", "fp8"), "--kv-cache-dtype fp8"), (("-q", "awq"), "--quantization"),
     (("--response-role", "bot"), "--response-role"), (("-pp", "2"), "--pipeline-parallel"),
 ])
@@ -80,7 +80,7 @@ def test_every_compat_flag_has_a_judgement():
 
 def test_refusals_and_unknown_vllm_flags_are_one_line(server_env, demo):
     model = str(demo.model_dir)
-    for argv, names in ((["-tp", "2"], "--tensor-parallel-size 2"),
+    for argv, names in ((["-pp", "2"], "--pipeline-parallel-size 2"),
                         (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8"),
                         (["--default_mm_loras", "{}"], "--default-mm-loras")):
         done = run_cli(["serve", model, *argv], server_env, timeout=60)
