@@ -115,11 +115,11 @@ class ParallelWorker:
         os.environ.update(_NCCL_ENV)
         store = dist.TCPStore(_HOST, 0, size, is_master=True, wait_for_workers=False)
         context = mp.get_context("spawn")
-        self._ranks = [context.Process(target=_serve, name=f"loramux-rank{rank}", daemon=True,
+        self.ranks = [context.Process(target=_serve, name=f"loramux-rank{rank}", daemon=True,
                                        args=(rank, store.port, config, model_config,
                                              max_model_len))
                        for rank in range(1, size)]
-        for process in self._ranks:
+        for process in self.ranks:
             process.start()
         self._stopped = False
         try:
@@ -139,17 +139,17 @@ class ParallelWorker:
 
     def _wait_for_ranks(self, store: dist.TCPStore) -> None:
         """Wait until every rank has reached the store; one that exits first is an error."""
-        for rank, process in enumerate(self._ranks, start=1):
+        for rank, process in enumerate(self.ranks, start=1):
             while not store.check([f"up{rank}"]):
                 if not process.is_alive():
                     raise EngineStopped(self._lost())
                 time.sleep(_STARTUP_POLL_S)
 
     def _lost(self) -> str:
-        for process in self._ranks:
+        for process in self.ranks:
             process.join(timeout=1.0)
         dead = [f"rank {rank} (exit code {p.exitcode})"
-                for rank, p in enumerate(self._ranks, start=1) if not p.is_alive()]
+                for rank, p in enumerate(self.ranks, start=1) if not p.is_alive()]
         return ("a tensor-parallel worker exited: " + ", ".join(dead or ["unknown"])
                 + "; see its log above")
 
@@ -160,7 +160,7 @@ class ParallelWorker:
             raise EngineStopped(self._lost()) from exc
 
     def _gather(self, value: Any) -> list[Any]:
-        values: list[Any] = [None] * (len(self._ranks) + 1)
+        values: list[Any] = [None] * (len(self.ranks) + 1)
         try:
             dist.gather_object(value, values, dst=0, group=self._group)
         except RuntimeError as exc:
@@ -190,7 +190,7 @@ class ParallelWorker:
         try:
             return self.local.execute(plan)
         except RuntimeError as exc:  # an all_reduce whose peer is gone
-            if all(p.is_alive() for p in self._ranks):
+            if all(p.is_alive() for p in self.ranks):
                 raise
             raise EngineStopped(self._lost()) from exc
 
@@ -200,13 +200,13 @@ class ParallelWorker:
             return
         self._stopped = True
         if dist.is_initialized():
-            if all(p.is_alive() for p in self._ranks):
+            if all(p.is_alive() for p in self.ranks):
                 try:
                     dist.broadcast_object_list([("stop", None)], src=0, group=self._group)
                 except RuntimeError:
                     logger.warning("a tensor-parallel worker was gone at shutdown")
             dist.destroy_process_group()
-        for process in self._ranks:
+        for process in self.ranks:
             process.join(timeout=_JOIN_S)
             if process.is_alive():
                 process.terminate()

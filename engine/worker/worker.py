@@ -135,11 +135,14 @@ class Worker:
                                                   sched.max_num_batched_tokens))
 
     def summary(self) -> dict:
-        """What this rank holds: parameter shapes, bytes, KV cache shape, all_reduces so far."""
-        shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
-        caches = [tuple(m.k_cache.shape) for m in self.model.memory_modules()
-                  if getattr(m, "k_cache", None) is not None]
-        return {"rank": self.shard.rank, "shapes": shapes, "kv_cache": caches,
+        """What this rank holds: the shapes of its parameters, slot buffers and per-sequence
+        memory (KV caches, states), its weight bytes and the all_reduces of its process."""
+        shapes = {name: tuple(t.shape) for name, t in [*self.model.named_parameters(),
+                                                       *self.model.named_buffers()]}
+        memory = [tuple(t.shape) for m in self.model.memory_modules()
+                  for t in (getattr(m, "k_cache", None), getattr(m, "recurrent_state", None))
+                  if t is not None]
+        return {"rank": self.shard.rank, "shapes": shapes, "memory": memory,
                 "weight_bytes": sum(p.numel() * p.element_size()
                                     for p in self.model.parameters()),
                 "all_reduces": reduce_count()}
