@@ -10,6 +10,9 @@ after every request has its first token, over the time that took. Each concurren
 run once untimed first, so Triton compilation for its shapes stays out of the numbers. With
 --lora every request carries an adapter, alternately a random 2D and a random 3D one (rank 16,
 attention + experts), so each batch mixes both layouts and no request runs on the base alone. Decode steps replay CUDA graphs unless --enforce-eager.
+--tensor-parallel-size N runs the engine over N GPUs (--enable-expert-parallel splits the
+experts by id, on the torch ops: add --kernel-backend torch --enforce-eager); run TP=1 and TP=N
+one after the other for the comparison.
 """
 
 from __future__ import annotations
@@ -111,6 +114,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="capture no CUDA graphs: every step launches its kernels")
     parser.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--enable-expert-parallel", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the runs, profile N decode steps and print the ops that took "
@@ -125,6 +130,8 @@ def main() -> None:
               kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
               max_num_seqs=max(args.concurrency),
               max_num_batched_tokens=8192, max_model_len=4096,
+              tensor_parallel_size=args.tensor_parallel_size,
+              enable_expert_parallel=args.enable_expert_parallel,
               **({"max_loras": 4, "max_lora_rank": 16, "enable_mixed_moe_lora_format": True}
                  if args.lora else {}))
     results = []
@@ -133,9 +140,11 @@ def main() -> None:
         results.append(run(llm, c, args.max_tokens, loras))
     if args.profile:
         profile(llm, args.profile_concurrency or max(args.concurrency), args.profile, loras)
+    llm.shutdown()
     summary = {"gpu": torch.cuda.get_device_name(), "layers": args.layers, "lora": args.lora,
                "kernel_backend": args.kernel_backend, "enforce_eager": args.enforce_eager,
-               "results": results}
+               "tensor_parallel_size": args.tensor_parallel_size,
+               "expert_parallel": args.enable_expert_parallel, "results": results}
     report(summary, args.out)
 
 
