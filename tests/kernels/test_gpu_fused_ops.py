@@ -1,12 +1,17 @@
 """GPU checks of the fused elementwise ops: bf16 at Qwen3-30B-A3B shapes against the twins run
 on the same bf16 tensors (the model's torch code), and one CUDA graph holding all four.
 
-Tolerances (bf16): the residual add is bit-exact; normed, rotated and activated values may
-differ from the twin by float32 reduction order (rstd) and cos/sin ulps, each a rounding flip
-of one bf16 unit in the last place, so |diff| <= 2^-6 |ref| + 2^-6 and at most 2% of the
-elements differ at all. Router: picks in descending order with ties to the lowest id, the
-same experts as torch.topk (on ties too: CUDA's fills the k-th place in index order) and
-weights within 2^-7 relative (one bf16 rounding).
+Tolerances (bf16). The residual add is bit-exact (one rounding of the same float32 sum on
+both paths). Normed, rotated and activated values are held to the float32 result (the twin run
+on the inputs upcast to float32): the fused op rounds fewer intermediates than the twin's
+chain of bf16 tensor ops, so its error must be no larger than the twin's own, with a margin for
+reduction order (max error <= 1.5 x the twin's + 2^-9 of the largest value, mean error <=
+1.25 x the twin's). An indexing or masking bug errs by whole values and fails both. (The first
+H200 run held outputs to the twin's bf16 values with at most 2% of elements differing: 12 of
+the norm and RoPE cases failed that count, while the same kernels at these shapes matched the
+twin to 2e-7 in float32 under the interpreter.) Router: picks in descending order with ties to
+the lowest id, the same experts as torch.topk (on ties too: CUDA's fills the k-th place in
+index order) and weights within 2^-7 relative (one bf16 rounding).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ pytestmark = [pytest.mark.gpu,
 
 H, N, G, D, E, K, I = 2048, 32, 4, 128, 128, 8, 768
 TOKENS = [1, 64, 257, 8192]
-ULP_TOL = dict(rtol=2**-6, atol=2**-6)
 
 
 def _gen(seed):
@@ -33,11 +37,20 @@ def _bf16(gen, *shape, scale=1.0, shift=0.0):
     return (torch.randn(shape, generator=gen, device="cuda") * scale + shift).bfloat16()
 
 
-def _assert_ulp_close(out, ref):
-    assert out.dtype == ref.dtype and out.shape == ref.shape
+def _f32(args):
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+
+
+def _assert_as_accurate(out, ref, exact):
+    """out (fused) is as close to the float32 result `exact` as the twin's `ref` is."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape == exact.shape
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, **ULP_TOL)
-    assert (out != ref).float().mean().item() <= 0.02, "more than 2% of the elements differ"
+    err, twin_err = (out.float() - exact).abs(), (ref.float() - exact).abs()
+    assert err.max() <= 1.5 * twin_err.max() + 2**-9 * exact.abs().max(), \
+        f"max error {err.max():.3g} against the twin's {twin_err.max():.3g}"
+    assert err.mean() <= 1.25 * twin_err.mean(), \
+        f"mean error {err.mean():.3g} against the twin's {twin_err.mean():.3g}"
 
 
 @pytest.mark.parametrize("zero_centred", [False, True], ids=["plain", "zero_centred"])
@@ -47,10 +60,13 @@ def test_fused_add_rms_norm_bf16(num_tokens, zero_centred):
     x, residual = _bf16(gen, num_tokens, H, scale=4.0), _bf16(gen, num_tokens, H)
     weight = _bf16(gen, H, scale=0.1, shift=0.0 if zero_centred else 1.0)
     for res in (residual, None):
-        out, new_res = triton_ops.fused_add_rms_norm(x, res, weight, 1e-6, zero_centred)
-        ref, ref_res = reference.fused_add_rms_norm(x, res, weight, 1e-6, zero_centred)
+        args = (x, res, weight, 1e-6, zero_centred)
+        out, new_res = triton_ops.fused_add_rms_norm(*args)
+        ref, ref_res = reference.fused_add_rms_norm(*args)
         assert torch.equal(new_res, ref_res)
-        _assert_ulp_close(out, ref)
+        exact = reference.fused_add_rms_norm(ref_res.float(), None, weight.float(), 1e-6,
+                                             zero_centred)[0]  # the same bf16 sum, then float32
+        _assert_as_accurate(out, ref, exact)
 
 
 @pytest.mark.parametrize("rotary_dim,norm", [(D, "per_head"), (D, "none"), (32, "zero_centred")],
@@ -68,8 +84,9 @@ def test_qk_norm_rope_bf16(num_tokens, rotary_dim, norm):
         shift = 0.0 if norm == "zero_centred" else 1.0
         weights = (_bf16(gen, D, scale=0.1, shift=shift), _bf16(gen, D, scale=0.1, shift=shift))
     args = (q, k, positions, inv_freq.float(), *weights, 1e-6, norm == "zero_centred")
-    for out, ref in zip(triton_ops.qk_norm_rope(*args), reference.qk_norm_rope(*args)):
-        _assert_ulp_close(out, ref)
+    exact = reference.qk_norm_rope(*_f32(args))
+    for out, ref, want in zip(triton_ops.qk_norm_rope(*args), reference.qk_norm_rope(*args), exact):
+        _assert_as_accurate(out, ref, want)
 
 
 def _route_case(num_tokens, renormalize, tied):
@@ -105,7 +122,8 @@ def test_route_ties_pick_cuda_topk_experts(num_tokens):
 @pytest.mark.parametrize("num_tokens", TOKENS)
 def test_silu_and_mul_bf16(num_tokens):
     x = _bf16(_gen(num_tokens), num_tokens, 2 * I, scale=3.0)
-    _assert_ulp_close(triton_ops.silu_and_mul(x), reference.silu_and_mul(x))
+    _assert_as_accurate(triton_ops.silu_and_mul(x), reference.silu_and_mul(x),
+                        reference.silu_and_mul(x.float()))
 
 
 def test_fused_ops_replay_in_a_cuda_graph():
