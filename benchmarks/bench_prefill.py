@@ -7,8 +7,8 @@ bf16 compute roofline measured on the same card, and the prefill attention op on
 Each batch (prompts x tokens) is submitted at once with max_tokens 1 and timed from submission
 until every request has its token; --max-num-batched-tokens (default 8192) makes each of the
 listed batches one engine step. Each batch runs once untimed first, so Triton compilation stays
-out. Roofline: 2 FLOPs per active parameter per token (attention projections, the routed top-k
-experts, router; the LM head for the last token of each prompt) plus causal attention (4 * N *
+out; prefix caching is off, so every run computes all its tokens. Roofline: 2 FLOPs per
+active parameter per token (attention projections, the routed top-k experts, router; the LM head for the last token of each prompt) plus causal attention (4 * N *
 D FLOPs per visible query-key pair), at the bf16 matmul rate measured here (8192^3 torch.mm).
 --lora N gives every request one of N random rank-16 adapters (2D and 3D alternately, on
 attention and experts). --long L prefills one L-token prompt with the default chunking
@@ -140,6 +140,8 @@ def make_llm(root: Path, config: dict, args, max_model_len: int) -> LLM:
     return LLM(str(root / "model"), load_format="dummy", dtype=config["dtype"],
               max_num_seqs=max(p for p, _ in args.batches),
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
+              enable_prefix_caching=False,  # every run computes its prompts (the untimed first
+              # run submits the same ones)
               **({"max_loras": args.lora, "max_lora_rank": 16,
                   "enable_mixed_moe_lora_format": True} if args.lora else {}))
 
