@@ -8,8 +8,9 @@ Each batch (prompts x tokens) is submitted at once with max_tokens 1 and timed f
 until every request has its token; --max-num-batched-tokens (default 8192) makes each of the
 listed batches one engine step. Each batch runs once untimed first, so Triton compilation stays
 out; prefix caching is off, so every run computes all its tokens. Roofline: 2 FLOPs per
-active parameter per token (attention projections, the routed top-k experts, router; the LM head for the last token of each prompt) plus causal attention (4 * N *
-D FLOPs per visible query-key pair), at the bf16 matmul rate measured here (8192^3 torch.mm).
+active parameter per token (attention projections, the routed top-k experts, router; the LM
+head for the last token of each prompt) plus causal attention (4 * N * D FLOPs per visible
+query-key pair), at the bf16 matmul rate measured here (8192^3 torch.mm).
 --lora N gives every request one of N random rank-16 adapters (2D and 3D alternately, on
 attention and experts). --long L prefills one L-token prompt with the default chunking
 (--max-num-batched-tokens chunks) under --max-model-len L: L - 1 prompt tokens and one output
