@@ -7,6 +7,8 @@ requests, in one batch with --max-loras 1 (slot swaps while states are live) equ
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -34,19 +36,16 @@ def tokens(llm: LLM, lora_request=None) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def setups(checkpoint, tmp_path_factory):
-    made = {}
-
+    @functools.cache
     def get(arch):
-        if arch not in made:
-            path = checkpoint(arch)
-            hf = load_reference(path)
-            root = tmp_path_factory.mktemp(f"hybrid-adapters-{arch}")
-            modules = ATTENTION + (GDN if arch != "qwen3_vl_moe" else ())
-            a3 = make_peft_3d_adapter(hf, root / "a3d", seed=1, target_modules=modules)
-            a2 = make_2d_adapter(hf, root / "a2d", seed=2, megatron=True,
-                                 target_modules=ATTENTION + MLP + GDN)
-            made[arch] = path, hf, str(a3), str(a2)
-        return made[arch]
+        path = checkpoint(arch)
+        hf = load_reference(path)
+        root = tmp_path_factory.mktemp(f"hybrid-adapters-{arch}")
+        modules = ATTENTION + (GDN if arch != "qwen3_vl_moe" else ())
+        a3 = make_peft_3d_adapter(hf, root / "a3d", seed=1, target_modules=modules)
+        a2 = make_2d_adapter(hf, root / "a2d", seed=2, megatron=True,
+                             target_modules=ATTENTION + MLP + GDN)
+        return path, hf, str(a3), str(a2)
 
     return get
 

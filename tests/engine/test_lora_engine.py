@@ -5,6 +5,7 @@ CPU-cache misses, runtime load/unload and in-place reload."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 import torch
@@ -31,18 +32,15 @@ def hf_tokens(model, prompts=PROMPTS) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def setups(checkpoint, tmp_path_factory):
     """setups(arch) -> (checkpoint path, {"3d", "2d", "split"}: adapter dirs, hf model)."""
-    made = {}
-
+    @functools.cache
     def get(arch):
-        if arch not in made:
-            path = checkpoint(arch)
-            hf = load_reference(path)
-            root = tmp_path_factory.mktemp(f"adapters-{arch}")
-            a3 = make_peft_3d_adapter(hf, root / "a3d", r=4, alpha=8, seed=1)
-            a2 = make_2d_adapter(hf, root / "a2d", r=4, alpha=8, seed=2)
-            split = split_3d_to_2d(a3, root / "split", mixtral_names=arch == "mixtral")
-            made[arch] = (path, {"3d": str(a3), "2d": str(a2), "split": str(split)}, hf)
-        return made[arch]
+        path = checkpoint(arch)
+        hf = load_reference(path)
+        root = tmp_path_factory.mktemp(f"adapters-{arch}")
+        a3 = make_peft_3d_adapter(hf, root / "a3d", r=4, alpha=8, seed=1)
+        a2 = make_2d_adapter(hf, root / "a2d", r=4, alpha=8, seed=2)
+        split = split_3d_to_2d(a3, root / "split", mixtral_names=arch == "mixtral")
+        return (path, {"3d": str(a3), "2d": str(a2), "split": str(split)}, hf)
 
     return get
 

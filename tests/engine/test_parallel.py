@@ -8,6 +8,7 @@ starts; a rank that dies stops the engine with an error."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch.multiprocessing as mp
@@ -45,19 +46,16 @@ EXPERT_SHARDS = {
 
 @pytest.fixture(scope="module")
 def setups(checkpoint, tmp_path_factory):
-    made = {}
-
+    @functools.cache
     def get(arch):
-        if arch not in made:
-            path = checkpoint(arch)
-            hf = load_reference(path)
-            root = tmp_path_factory.mktemp(f"parallel-adapters-{arch}")
-            gdn = GDN if arch == "qwen3_5_moe" else ()
-            a3 = make_peft_3d_adapter(hf, root / "a3d", seed=1, target_modules=ATTENTION + gdn)
-            a2 = make_2d_adapter(hf, root / "a2d", seed=2, target_modules=ATTENTION + MLP + gdn)
-            made[arch] = path, {"base": None, "a3d": LoRARequest("a3d", 1, str(a3)),
-                                "a2d": LoRARequest("a2d", 2, str(a2))}
-        return made[arch]
+        path = checkpoint(arch)
+        hf = load_reference(path)
+        root = tmp_path_factory.mktemp(f"parallel-adapters-{arch}")
+        gdn = GDN if arch == "qwen3_5_moe" else ()
+        a3 = make_peft_3d_adapter(hf, root / "a3d", seed=1, target_modules=ATTENTION + gdn)
+        a2 = make_2d_adapter(hf, root / "a2d", seed=2, target_modules=ATTENTION + MLP + gdn)
+        return path, {"base": None, "a3d": LoRARequest("a3d", 1, str(a3)),
+                      "a2d": LoRARequest("a2d", 2, str(a2))}
 
     return get
 
