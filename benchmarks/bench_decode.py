@@ -1,6 +1,7 @@
 """Offline decode throughput of a Qwen3-30B-A3B-shaped model with dummy weights.
 
-    python benchmarks/bench_decode.py --layers 12 --concurrency 1 16 64 [--lora] [--enforce-eager]
+    python benchmarks/bench_decode.py --layers 12 --concurrency 1 16 64 [--lora [N]] [--base-every K]
+        [--enforce-eager]
 
 Builds config.json for the real architecture (hidden 2048, 128 experts, top-8, expert
 intermediate 768, 32 query / 4 KV heads of 128, vocab 151936) with fewer layers, loads random
@@ -8,8 +9,10 @@ weights (--load-format dummy), submits N requests with 128-token random prompts 
 --max-tokens output tokens each (ignore_eos), and reports decode tokens/s: tokens generated
 after every request has its first token, over the time that took. Each concurrency level is
 run once untimed first, so Triton compilation for its shapes stays out of the numbers. With
---lora every request carries an adapter, alternately a random 2D and a random 3D one (rank 16,
-attention + experts), so each batch mixes both layouts and no request runs on the base alone. Decode steps replay CUDA graphs unless --enforce-eager.
+--lora N (2 if N is left out) every request carries one of N random adapters (rank 16, attention
++ experts, 2D and 3D alternately, one slot each), so each batch mixes both layouts and no
+request runs on the base alone; --base-every K makes every K-th request a base request instead
+(issue 11's mixed row is K = 3). Decode steps replay CUDA graphs unless --enforce-eager.
 --tensor-parallel-size N runs the engine over N GPUs (--enable-expert-parallel splits the
 experts by id, on the torch ops: add --kernel-backend torch --enforce-eager); run TP=1 and TP=N
 one after the other for the comparison.
@@ -71,29 +74,47 @@ def profile(llm: LLM, concurrency: int, steps: int, loras: list) -> None:
         core.add_request(f"p{i}", [1000 + i] * 128, params, loras[i % len(loras)])
     for _ in range(4):  # prefill and a few decode steps
         core.step()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
+
+    def steps_body() -> None:
         for _ in range(steps):
             core.step()
-        torch.cuda.synchronize()
-    for key in ("self_cpu_time_total", "self_cuda_time_total"):
-        print(prof.key_averages().table(sort_by=key, row_limit=18), flush=True)
+    print_profile(steps_body)
     while core.has_work():
         core.step()
 
 
-def write_checkpoint(root: Path, config: dict, lora: bool) -> tuple[str, list]:
-    """config.json in root/model (the weights are dummy) and, with `lora`, a random 2D and a
-    random 3D adapter (rank 16, attention + experts): (model dir, adapters, or [None])."""
+def print_profile(body) -> None:
+    """torch.profiler over body(): the ops that took the most host and device time."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        body()
+        torch.cuda.synchronize()
+    for key in ("self_cpu_time_total", "self_cuda_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=18), flush=True)
+
+
+def write_adapters(root: Path, config: dict, count: int, base_every: int = 0) -> list:
+    """`count` random rank-16 adapters (attention + experts), 2D and 3D alternately, as the
+    request cycle: [None] (base) when count is 0; with `base_every` K, every K-th entry of the
+    cycle is None (a base request)."""
+    loras: list = []
+    for i in range(count):
+        layout = ("2d", "3d")[i % 2]
+        write_random_adapter(root / f"a{i}", config, layout=layout, seed=i, rank=16, alpha=32)
+        loras.append(LoRARequest(f"bench-{i}", i + 1, str(root / f"a{i}")))
+    if loras and base_every:
+        adapters = iter(loras * base_every)
+        loras = [None if i % base_every == base_every - 1 else next(adapters)
+                 for i in range(base_every * count)]
+    return loras or [None]
+
+
+def write_checkpoint(root: Path, config: dict, lora: int, base_every: int = 0) -> tuple[str, list]:
+    """config.json in root/model (the weights are dummy) and `lora` adapters (write_adapters):
+    (model dir, the request cycle of adapters)."""
     (root / "model").mkdir()
     (root / "model" / "config.json").write_text(json.dumps(config))
-    if not lora:
-        return str(root / "model"), [None]
-    loras = []
-    for i, layout in enumerate(("2d", "3d")):
-        write_random_adapter(root / layout, config, layout=layout, seed=i, rank=16, alpha=32)
-        loras.append(LoRARequest(f"bench-{layout}", i + 1, str(root / layout)))
-    return str(root / "model"), loras
+    return str(root / "model"), write_adapters(root, config, int(lora), base_every)
 
 
 def report(results: dict, out: Path | None) -> None:
@@ -110,7 +131,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--lora", type=int, nargs="?", const=2, default=0, metavar="N",
+                        help="every request one of N random adapters (2 without N)")
+    parser.add_argument("--base-every", type=int, default=0, metavar="K",
+                        help="with --lora: every K-th request is a base request")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="capture no CUDA graphs: every step launches its kernels")
     parser.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
@@ -125,15 +149,15 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     config = {**QWEN3_30B_A3B, "num_hidden_layers": args.layers}
-    model, loras = write_checkpoint(Path(tempfile.mkdtemp()), config, args.lora)
+    model, loras = write_checkpoint(Path(tempfile.mkdtemp()), config, args.lora, args.base_every)
     llm = LLM(model, load_format="dummy", dtype="bfloat16",
               kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
               max_num_seqs=max(args.concurrency),
               max_num_batched_tokens=8192, max_model_len=4096,
               tensor_parallel_size=args.tensor_parallel_size,
               enable_expert_parallel=args.enable_expert_parallel,
-              **({"max_loras": 4, "max_lora_rank": 16, "enable_mixed_moe_lora_format": True}
-                 if args.lora else {}))
+              **({"max_loras": max(args.lora, 2), "max_lora_rank": 16,
+                  "enable_mixed_moe_lora_format": True} if args.lora else {}))
     results = []
     for c in args.concurrency:  # a first pass compiles kernels for this batch size's shapes
         run(llm, c, 4, loras)
@@ -142,7 +166,7 @@ def main() -> None:
         profile(llm, args.profile_concurrency or max(args.concurrency), args.profile, loras)
     llm.shutdown()
     summary = {"gpu": torch.cuda.get_device_name(), "layers": args.layers, "lora": args.lora,
-               "kernel_backend": args.kernel_backend, "enforce_eager": args.enforce_eager,
+               "base_every": args.base_every, "kernel_backend": args.kernel_backend, "enforce_eager": args.enforce_eager,
                "tensor_parallel_size": args.tensor_parallel_size,
                "expert_parallel": args.enable_expert_parallel, "results": results}
     report(summary, args.out)

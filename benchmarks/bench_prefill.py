@@ -2,7 +2,7 @@
 bf16 compute roofline measured on the same card, and the prefill attention op on its own.
 
     python benchmarks/bench_prefill.py --layers 48 --batches 64x128 16x512 4x2048 1x8192 \
-        [--lora 16] [--long 32768] [--attention] [--out result.json]
+        [--lora 16] [--long 32768] [--attention] [--profile 64x128] [--out result.json]
 
 Each batch (prompts x tokens) is submitted at once with max_tokens 1 and timed from submission
 until every request has its token; --max-num-batched-tokens (default 8192) makes each of the
@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_decode import QWEN3_30B_A3B, report  # noqa: E402
-from loramux.engine import LLM, LoRARequest, SamplingParams  # noqa: E402
-from loramux.engine.demo import write_random_adapter  # noqa: E402
+from benchmarks.bench_decode import QWEN3_30B_A3B, print_profile, report, write_adapters  # noqa: E402
+from loramux.engine import LLM, SamplingParams  # noqa: E402
 
 TINY = dict(QWEN3_30B_A3B, vocab_size=512, hidden_size=64, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
@@ -127,16 +126,6 @@ def attention_ms(config: dict, layers: int, prompts: int, length: int) -> dict:
     return out
 
 
-def write_adapters(root: Path, config: dict, count: int) -> list:
-    """`count` random rank-16 adapters, 2D and 3D alternately; [None] (base) when count is 0."""
-    loras: list = []
-    for i in range(count):
-        layout = ("2d", "3d")[i % 2]
-        write_random_adapter(root / f"a{i}", config, layout=layout, seed=i, rank=16, alpha=32)
-        loras.append(LoRARequest(f"bench-{i}", i + 1, str(root / f"a{i}")))
-    return loras or [None]
-
-
 def make_llm(root: Path, config: dict, args, max_model_len: int) -> LLM:
     return LLM(str(root / "model"), load_format="dummy", dtype=config["dtype"],
               max_num_seqs=max(p for p, _ in args.batches),
@@ -161,6 +150,10 @@ def main() -> None:
                         help="also prefill one L-token prompt in chunks (max_model_len L)")
     parser.add_argument("--attention", action="store_true",
                         help="time the prefill attention op alone for each batch")
+    parser.add_argument("--profile", default=None, metavar="PxT",
+                        type=lambda s: tuple(int(x) for x in s.split("x")),
+                        help="after the timed runs, profile one prefill of this batch and print "
+                             "the ops that took the most host and device time")
     parser.add_argument("--tiny", action="store_true", help="a toy shape (checks the script)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -185,6 +178,8 @@ def main() -> None:
             row["attention_ms"] = attention_ms(config, args.layers, prompts, length)
         rows.append(row)
         logging.info("%s", row)
+    if args.profile and torch.cuda.is_available():
+        print_profile(lambda: prefill(llm, *args.profile, loras, "profile"))
     summary = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "layers": args.layers, "lora": args.lora, "matmul_tflops": round(peak, 1),
                "results": rows}

@@ -110,7 +110,7 @@ def workload(rng: random.Random, vocab: int, args, shared: bool) -> list[list[in
 
 def build(args) -> tuple[LLM, list]:
     config = dict(TINY if args.tiny else QWEN3_30B_A3B, num_hidden_layers=args.layers)
-    model, loras = write_checkpoint(Path(tempfile.mkdtemp()), config, args.lora)
+    model, loras = write_checkpoint(Path(tempfile.mkdtemp()), config, 2 if args.lora else 0)
     prompt_len = args.prefix_len + args.suffix_len
     llm = LLM(model, load_format="dummy", dtype=config["dtype"],
               device=args.device, enforce_eager=args.enforce_eager,

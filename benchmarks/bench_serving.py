@@ -34,8 +34,8 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_decode import QWEN3_30B_A3B, report  # noqa: E402
-from benchmarks.bench_prefill import TINY, sync, write_adapters  # noqa: E402
+from benchmarks.bench_decode import QWEN3_30B_A3B, report, write_adapters  # noqa: E402
+from benchmarks.bench_prefill import TINY, sync  # noqa: E402
 from loramux.engine import LLM, SamplingParams  # noqa: E402
 
 
